@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   install, then condense real FashionMNIST with DC (ipc 1) at a CPU-sized budget
+#   make test   install, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) main.py --dataset FashionMNIST --model ConvNet --method DC --ipc 1 --Iteration 200 --eval_every 200 \
+		--batch_real 64 --num_exp 1 --num_eval 3 --epoch_eval_train 300 --save_path result/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/speed.py

@@ -1,0 +1,49 @@
+"""Dataset condensation by distribution matching (DM).
+
+    python main_DM.py --dataset CIFAR10 --model ConvNet --ipc 10 \
+                      --dsa_strategy color_crop_cutout_flip_scale_rotate --init real --lr_img 1 --num_exp 5 --num_eval 5
+    python main_DM.py --dataset CIFAR10 --model ConvNetBN --ipc 50 --init real --lr_img 1 --eval_mode B
+    python main_DM.py --dataset TinyImageNet --model ConvNetD4 --ipc 50 --class_chunk 4      # bounded memory
+"""
+import argparse
+
+import utils
+from utils import cli
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    utils.add_common_args(parser, ipc=50, eval_mode='SS', epoch_eval_train=1000, Iteration=20000, lr_img=1.0,
+                          init='real', dsa_strategy='color_crop_cutout_flip_scale_rotate', eval_every=2000)
+    parser.add_argument('--class_chunk', type=int, default=0,
+                        help='classes optimised at once (0: automatic; smaller needs less memory)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.method = 'DM'
+    utils.check_common_args(args)
+    if args.class_chunk < 0:
+        raise utils.UserError(f'--class_chunk must be >= 0, got {args.class_chunk}')
+    args.default_epoch_eval = 1000
+
+    data = utils.get_dataset(args.dataset, args.data_path).to(args.device)
+    if args.load_syn:
+        return utils.evaluate_saved(args, data)
+    utils.check_ipc_fits(data, args.ipc)
+    utils.log(args, f'DM on {args.dataset} with {args.model}, ipc {args.ipc}, {args.Iteration} iterations, '
+                    f'DSA {args.dsa_strategy}, device {args.device}')
+    classes = list(range(data.num_classes))
+
+    def init(exp):
+        return utils.init_synthetic_set(data, args.ipc, args.init, args.device)
+
+    def step(it, image_syn, label_syn, optimizer_img):
+        return utils.dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, args.class_chunk or None)
+
+    return utils.run_experiments(args, data, init, step)
+
+
+if __name__ == '__main__':
+    cli(main)

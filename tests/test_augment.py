@@ -1,0 +1,402 @@
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from augment import (DC_OPS, DSA_OPS, AugRandom, DiffAugment, ParamDCAug, ParamDiffAug, apply_op, augment_dc,
+                     crop, cutout, dc_rotate, dc_scale, flip, parse_strategy, rotate, sample_params, scale)
+
+GROUPS = list(DSA_OPS)
+FULL = 'color_crop_cutout_flip_scale_rotate'
+
+
+def images(n, c=3, h=32, w=32, seed=0):
+    return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def expected_siamese(x, groups, seed, param):
+    """Replays the draws of DiffAugment with public pieces: choice (mode S), then each primitive in order."""
+    rng = AugRandom(x.shape[0], x.device, x.dtype, seed=seed)
+    if param.aug_mode == 'S':
+        groups = [groups[rng.choice(len(groups))]]
+    for g in groups:
+        for prim in DSA_OPS[g]:
+            x = apply_op(prim, x, sample_params(prim, rng, x.shape, param))
+    return x
+
+
+# ----------------------------------------------------------------------------- strategy parsing
+
+
+def test_parse_strategy():
+    for empty in ('', 'none', 'None', None):
+        assert parse_strategy(empty) == []
+    assert parse_strategy(FULL) == ['color', 'crop', 'cutout', 'flip', 'scale', 'rotate']
+    with pytest.raises(ValueError, match='blur') as err:
+        parse_strategy('color_blur')
+    assert 'rotate' in str(err.value) and 'cutout' in str(err.value)
+    with pytest.raises(ValueError, match='blur'):
+        DiffAugment(images(2), 'crop_blur', seed=0)
+
+
+def test_empty_strategy_is_identity():
+    x = images(2)
+    for s in ('', 'none', 'None', None):
+        assert DiffAugment(x, s, seed=1) is x
+        assert DiffAugment(x, s) is x
+
+
+def test_bad_aug_mode():
+    with pytest.raises(ValueError, match='aug_mode'):
+        DiffAugment(images(2), 'crop_flip', ParamDiffAug(aug_mode='X'), seed=0)
+
+
+# ----------------------------------------------------------------------------- Siamese behaviour
+
+
+@pytest.mark.parametrize('strategy,mode', [(g, 'S') for g in GROUPS] + [(FULL, 'S'), (FULL, 'M')])
+def test_siamese_same_transform_any_batch_size(strategy, mode):
+    param = ParamDiffAug(aug_mode=mode)
+    img = images(1, seed=1)
+    big = torch.cat([images(7, seed=2), img, images(4, seed=3)])  # like a real batch
+    small = torch.cat([img, images(2, seed=4)])  # like a synthetic batch
+    for seed in range(4):
+        out_big = DiffAugment(big, strategy, param, seed=seed)
+        out_small = DiffAugment(small, strategy, param, seed=seed)
+        assert out_big.shape == big.shape and out_small.shape == small.shape
+        torch.testing.assert_close(out_big[7], out_small[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('strategy,mode', [(g, 'S') for g in GROUPS] + [(FULL, 'S'), (FULL, 'M')])
+def test_siamese_shared_by_every_image(strategy, mode):
+    # the same image repeated gets the same output everywhere in the batch
+    x = images(1).repeat(5, 1, 1, 1)
+    out = DiffAugment(x, strategy, ParamDiffAug(aug_mode=mode), seed=3)
+    torch.testing.assert_close(out, out[:1].expand_as(out), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('strategy', GROUPS + [FULL])
+def test_different_seeds_give_different_transforms(strategy):
+    x = images(3)
+    outs = [DiffAugment(x, strategy, seed=s) for s in range(8)]
+    distinct = sum(not torch.equal(outs[0], o) for o in outs[1:])
+    assert distinct >= 1 if strategy == 'flip' else distinct >= 6
+
+
+def test_same_seed_reproducible():
+    x = images(4)
+    assert torch.equal(DiffAugment(x, FULL, seed=11), DiffAugment(x, FULL, seed=11))
+
+
+@pytest.mark.parametrize('mode', ['S', 'M'])
+def test_siamese_matches_replayed_draws(mode):
+    param = ParamDiffAug(aug_mode=mode)
+    x = images(3)
+    picked = set()
+    for seed in range(12):
+        torch.testing.assert_close(DiffAugment(x, FULL, param, seed=seed),
+                                   expected_siamese(x, FULL.split('_'), seed, param), rtol=0, atol=0)
+        picked.add(AugRandom(1, 'cpu', seed=seed).choice(6))
+    assert len(picked) >= 3  # mode S really picks different groups across seeds
+
+
+def test_mode_S_applies_exactly_one_group():
+    x = images(2)
+    for seed in range(6):
+        out = DiffAugment(x, 'flip_rotate', ParamDiffAug(aug_mode='S'), seed=seed)
+        rng = AugRandom(2, 'cpu', seed=seed)
+        group = ['flip', 'rotate'][rng.choice(2)]
+        (prim,) = DSA_OPS[group]
+        torch.testing.assert_close(out, apply_op(prim, x, sample_params(prim, rng, x.shape)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('strategy', GROUPS + [FULL])
+def test_siamese_leaves_global_rng_untouched(strategy):
+    x = images(2)
+    state = torch.get_rng_state()
+    DiffAugment(x, strategy, seed=5)
+    DiffAugment(x, strategy, ParamDiffAug(aug_mode='M'), seed=6)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize('strategy,mode', [(g, 'S') for g in GROUPS] + [(FULL, 'M')])
+@pytest.mark.parametrize('siamese', [True, False])
+def test_gradients_flow_to_input(strategy, mode, siamese):
+    x = images(4).requires_grad_(True)
+    kwargs = dict(seed=2) if siamese else dict(generator=gen(2))
+    out = DiffAugment(x, strategy, ParamDiffAug(aug_mode=mode), **kwargs)
+    weights = images(4, seed=9)
+    (out * weights).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert (x.grad.abs().flatten(1).sum(1) > 0).all()  # every image receives gradient
+
+
+# ----------------------------------------------------------------------------- independent (per-image) mode
+
+
+@pytest.mark.parametrize('strategy', ['color', 'scale', 'rotate', 'crop', 'cutout'])
+def test_independent_mode_differs_per_image(strategy):
+    x = images(1).repeat(16, 1, 1, 1)
+    out = DiffAugment(x, strategy, generator=gen(0))
+    distinct = {tuple(o.flatten()[::7].tolist()) for o in out}
+    # continuous parameters: all distinct; integer ones (crop 81 shifts, cutout positions): most distinct
+    assert len(distinct) == 16 if strategy in ('color', 'scale', 'rotate') else len(distinct) >= 10
+
+
+def test_independent_mode_generator_and_global_rng():
+    x = images(6)
+    a = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'), generator=gen(4))
+    b = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'), generator=gen(4))
+    assert torch.equal(a, b)
+    state = torch.get_rng_state()
+    DiffAugment(x, FULL, generator=gen(4))
+    assert torch.equal(state, torch.get_rng_state())  # a given generator replaces the global RNG
+    torch.manual_seed(123)
+    c = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'))
+    torch.manual_seed(123)
+    d = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'))
+    assert torch.equal(c, d) and not torch.equal(c, a)
+
+
+# ----------------------------------------------------------------------------- op semantics
+
+
+def test_flip_is_an_exact_mirror():
+    x = images(4)
+    mask = torch.tensor([True, False, True, False])
+    out = flip(x, mask)
+    assert torch.equal(out[mask], x[mask].flip(3)) and torch.equal(out[~mask], x[~mask])
+    seen = set()
+    for seed in range(10):
+        y = DiffAugment(x, 'flip', seed=seed)
+        flipped = torch.equal(y, x.flip(3))
+        assert flipped or torch.equal(y, x)
+        seen.add(flipped)
+    assert seen == {True, False}
+    y = DiffAugment(x[:1].repeat(400, 1, 1, 1), 'flip', generator=gen(1))
+    is_flipped = (y == x[:1].flip(3)).flatten(1).all(1)
+    assert ((y == x[:1]).flatten(1).all(1) | is_flipped).all()
+    assert 0.4 < is_flipped.float().mean() < 0.6
+
+
+@pytest.mark.parametrize('size', [32, 28])
+def test_crop_shifts_within_ratio(size):
+    x = torch.zeros(500, 1, size, size)
+    x[:, :, 10, 15] = 1.0
+    out = DiffAugment(x, 'crop', generator=gen(3))
+    assert torch.equal(out.flatten(1).sum(1), torch.ones(500))  # the pixel stays, moved, nothing else
+    pos = out[:, 0].flatten(1).argmax(1)
+    dr, dc = pos // size - 10, pos % size - 15
+    limit = int(size * 0.125 + 0.5)
+    assert dr.abs().max() == limit and dc.abs().max() == limit  # reaches, never exceeds, ±ratio·size
+    assert len(set(dr.tolist())) == 2 * limit + 1
+
+
+def test_crop_brings_in_zeros_and_matches_sampled_shift():
+    ones = torch.ones(1, 2, 16, 16)
+    out = crop(ones, torch.tensor([3]), torch.tensor([-2]))
+    expected = torch.ones(1, 2, 16, 16)
+    expected[:, :, 13:] = 0  # content moved up 3 rows
+    expected[:, :, :, :2] = 0  # and right 2 columns
+    assert torch.equal(out, expected)
+    x = images(2, h=16, w=16)
+    rng = AugRandom(2, 'cpu', seed=7)
+    p = sample_params('crop', rng, x.shape)
+    tx, ty = int(p['tx'][0]), int(p['ty'][0])
+    y = DiffAugment(x, 'crop', seed=7)
+    rows, cols = slice(max(0, -tx), 16 - max(0, tx)), slice(max(0, -ty), 16 - max(0, ty))
+    src_rows, src_cols = slice(rows.start + tx, rows.stop + tx), slice(cols.start + ty, cols.stop + ty)
+    assert torch.equal(y[:, :, rows, cols], x[:, :, src_rows, src_cols])
+
+
+def test_cutout_zeroes_a_clipped_square():
+    n, size = 300, 32
+    out = DiffAugment(torch.ones(n, 3, size, size), 'cutout', generator=gen(5))
+    zero = out == 0
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # same hole in every channel
+    zero = zero[:, 0]
+    rows, cols = zero.any(2), zero.any(1)  # (n, H), (n, W)
+    assert torch.equal(zero, rows[:, :, None] & cols[:, None, :])  # the hole is a rectangle
+    nrows, ncols = rows.sum(1), cols.sum(1)
+    assert (nrows <= 16).all() and (ncols <= 16).all() and (nrows >= 8).all()
+    inside = ~rows[:, 0] & ~rows[:, -1] & ~cols[:, 0] & ~cols[:, -1]
+    assert inside.sum() > 20 and (~inside).sum() > 20  # both whole and clipped squares occur
+    assert (zero[inside].flatten(1).sum(1) == 16 * 16).all()
+    # rows of the hole are contiguous
+    first = rows.float().argmax(1)
+    assert torch.equal(rows, (torch.arange(size) >= first[:, None]) & (torch.arange(size) < first[:, None] + nrows[:, None]))
+
+
+def test_cutout_direct():
+    out = cutout(torch.ones(2, 1, 8, 8), torch.tensor([2, -3]), torch.tensor([1, 5]), 4, 4)
+    assert out[0, 0].sum() == 64 - 16 and torch.equal(out[0, 0, 2:6, 1:5], torch.zeros(4, 4))
+    assert out[1, 0].sum() == 64 - 3 and torch.equal(out[1, 0, 0:1, 5:8], torch.zeros(1, 3))
+
+
+def test_rotate_align_corners_true_semantics():
+    x = images(2, h=9, w=9)
+    torch.testing.assert_close(rotate(x, torch.zeros(2)), x, rtol=0, atol=1e-6)
+    # with align_corners=True a quarter turn is an exact pixel permutation
+    torch.testing.assert_close(rotate(x, torch.full((2,), math.pi / 2)), torch.rot90(x, -1, dims=(2, 3)),
+                               rtol=0, atol=1e-5)
+
+
+def test_rotate_angle_range_and_line_orientation():
+    p = sample_params('rotate', AugRandom(2000, 'cpu', generator=gen(0)), (2000, 3, 8, 8))
+    deg = p['angle'] * 180 / math.pi
+    assert deg.abs().max() <= 15 and deg.min() < -14 and deg.max() > 14
+    size = 33
+    line = torch.zeros(1, 1, size, size)
+    line[:, :, size // 2] = 1.0  # horizontal line through the centre
+    coords = torch.arange(size, dtype=torch.float32) - size // 2
+    v, u = torch.meshgrid(coords, coords, indexing='ij')  # row, column offsets from the centre
+    for seed in range(5):
+        out = DiffAugment(line, 'rotate', seed=seed)[0, 0]
+        angle = float(sample_params('rotate', AugRandom(1, 'cpu', seed=seed), line.shape)['angle'][0])
+        m = out / out.sum()
+        cuu, cvv, cuv = (m * u * u).sum(), (m * v * v).sum(), (m * u * v).sum()
+        estimate = 0.5 * math.atan2(2 * cuv, cuu - cvv)
+        assert abs(math.degrees(estimate)) <= 15.5
+        assert abs(math.degrees(estimate - angle)) < 0.5
+
+
+def test_scale_range_and_semantics():
+    p = sample_params('scale', AugRandom(2000, 'cpu', generator=gen(0)), (2000, 3, 8, 8))
+    for s in (p['sx'], p['sy']):
+        assert s.min() >= 1 / 1.2 and s.max() <= 1.2 and s.min() < 0.85 and s.max() > 1.18
+    assert not torch.equal(p['sx'], p['sy'])  # independent factors per axis
+    x = images(2, h=5, w=33)
+    torch.testing.assert_close(scale(x, torch.ones(2), torch.ones(2)), x, rtol=0, atol=1e-6)
+    # output(u) = input(2u), align_corners=True: column 24 (u=0.5) lands on column 20 (u=0.25)
+    col = torch.zeros(1, 1, 5, 33)
+    col[..., 24] = 1.0
+    out = scale(col, torch.tensor([2.0]), torch.tensor([1.0]))
+    assert torch.equal(out[0, 0].argmax(1), torch.full((5,), 20))
+    torch.testing.assert_close(out[0, 0, :, 20], torch.ones(5), rtol=0, atol=1e-6)
+
+
+def test_color_ranges_and_invariants():
+    n = 2000
+    rng = AugRandom(n, 'cpu', generator=gen(0))
+    shape = (n, 3, 4, 4)
+    b = sample_params('brightness', rng, shape)['shift']
+    s = sample_params('saturation', rng, shape)['factor']
+    c = sample_params('contrast', rng, shape)['factor']
+    assert -0.5 <= b.min() < -0.45 and 0.45 < b.max() <= 0.5
+    assert 0 <= s.min() < 0.05 and 1.95 < s.max() <= 2.0
+    assert 0.5 <= c.min() < 0.55 and 1.45 < c.max() <= 1.5
+    x = images(3)
+    torch.testing.assert_close(apply_op('saturation', x, dict(factor=torch.zeros(3))),
+                               x.mean(1, keepdim=True).expand_as(x))
+    y = apply_op('contrast', x, dict(factor=torch.full((3,), 1.3)))
+    torch.testing.assert_close(y.mean(dim=[1, 2, 3]), x.mean(dim=[1, 2, 3]))
+    torch.testing.assert_close(y.std(dim=[1, 2, 3]), 1.3 * x.std(dim=[1, 2, 3]))
+
+
+# ----------------------------------------------------------------------------- DC augmentation
+
+
+def padded_windows(x, pad):
+    """All (2*pad+1)^2 windows of x padded with its per-channel batch mean: (N, K, C, H, W)."""
+    n, c, h, w = x.shape
+    fill = x.mean(dim=(0, 2, 3), keepdim=True)
+    big = fill.expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+    big[:, :, pad:pad + h, pad:pad + w] = x
+    return torch.stack([big[:, :, r:r + h, s:s + w] for r in range(2 * pad + 1) for s in range(2 * pad + 1)], 1)
+
+
+def matches_a_window(out, x, pad):
+    return (padded_windows(x, pad) - out[:, None]).abs().flatten(2).amax(2).min(1).values < 1e-6
+
+
+def test_dc_shape_no_nan_no_grad():
+    x = images(12).requires_grad_(True)
+    out = augment_dc(x, 'crop_scale_rotate_noise', generator=gen(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all() and not out.requires_grad
+
+
+def test_dc_noise_is_tiny():
+    x = images(8)
+    out = augment_dc(x, 'noise', generator=gen(0))
+    diff = (out - x).abs().flatten(1).amax(1)
+    assert (diff > 0).all() and (diff < 0.01).all()
+
+
+def test_dc_crop_is_a_shift_of_the_mean_padded_image():
+    x = images(10, h=16, w=16)
+    out = augment_dc(x, 'crop', generator=gen(1))
+    assert matches_a_window(out, x, 4).all()
+    assert (out - x).abs().amax() > 0  # not all identity shifts
+    out = augment_dc(x, 'crop', {'crop': 2, 'strategy': 'crop'}, generator=gen(2))  # reference-style dict
+    assert matches_a_window(out, x, 2).all()
+
+
+def test_dc_one_op_per_image():
+    x = images(32, h=16, w=16)
+    out = augment_dc(x, 'crop_noise', generator=gen(3))
+    cropped = matches_a_window(out, x, 4)
+    noised = ~cropped & ((out - x).abs().flatten(1).amax(1) < 0.01)
+    assert (cropped | noised).all() and cropped.sum() >= 8 and noised.sum() >= 8
+
+
+def test_dc_fill_is_channel_mean():
+    x = images(6, h=16, w=16)
+    fill = x.mean(dim=(0, 2, 3), keepdim=True)
+    rot = dc_rotate(x, fill, torch.full((6,), 45.0))
+    torch.testing.assert_close(rot[:, :, 0, 0], fill[:, :, 0, 0].expand(6, 3))  # corners come from outside
+    torch.testing.assert_close(rot[:, :, -1, -1], fill[:, :, 0, 0].expand(6, 3))
+    small = dc_scale(x, fill, torch.full((6,), 0.5), torch.full((6,), 0.5))
+    torch.testing.assert_close(small[:, :, :3], fill.expand(6, 3, 3, 16))  # shrunk: border ring is the mean
+    torch.testing.assert_close(small[:, :, :, -3:], fill.expand(6, 3, 16, 3))
+    same = dc_scale(x, fill, torch.ones(6), torch.ones(6))
+    torch.testing.assert_close(same, x)
+
+
+def test_dc_scale_and_rotate_change_images_without_nan():
+    x = images(8, h=16, w=16)
+    for strategy in ('scale', 'rotate', 'crop_scale_rotate'):
+        out = augment_dc(x, strategy, generator=gen(4))
+        assert torch.isfinite(out).all()
+        assert ((out - x).abs().flatten(1).amax(1) > 1e-3).sum() >= 6
+
+
+def test_dc_strategy_validation_and_reproducibility():
+    x = images(4)
+    with pytest.raises(ValueError, match='flip') as err:
+        augment_dc(x, 'crop_flip')
+    assert all(op in str(err.value) for op in DC_OPS)
+    for s in ('', 'none', 'None', None):
+        assert augment_dc(x, s) is x
+    assert torch.equal(augment_dc(x, 'crop_scale_rotate', ParamDCAug(), gen(7)),
+                       augment_dc(x, 'crop_scale_rotate', ParamDCAug(), gen(7)))
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_matches_cpu():
+    x = images(5)
+    xc = x.cuda().requires_grad_(True)
+    for mode in ('S', 'M'):
+        out = DiffAugment(xc, FULL, ParamDiffAug(aug_mode=mode), seed=3)
+        assert out.device == xc.device
+        torch.testing.assert_close(out.cpu(), DiffAugment(x, FULL, ParamDiffAug(aug_mode=mode), seed=3),
+                                   rtol=0, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(xc.grad).all() and xc.grad.abs().sum() > 0
+    for g in (gen(0), torch.Generator('cuda').manual_seed(0), None):
+        assert DiffAugment(xc, FULL, ParamDiffAug(aug_mode='M'), generator=g).device == xc.device
+        assert augment_dc(xc, 'crop_scale_rotate_noise', generator=g).device == xc.device
