@@ -4,22 +4,33 @@
     python main.py --dataset CIFAR10 --model ConvNet --ipc 10 --init real --method DSA \
                    --dsa_strategy color_crop_cutout_flip_scale_rotate              # DSA
     python main.py --dataset MNIST --model ConvNet --ipc 1 --load_syn res_DC_MNIST_ConvNet_1ipc.pt --eval_mode M
+    python main.py --dataset CIFAR10 --model ConvNet --ipc 10 --method herding      # coreset baseline
+    python main.py --dataset CIFAR10 --model ConvNet --method whole --num_exp 1     # whole-dataset bound
 """
 import argparse
 
 import utils
 from utils import cli
 
-METHODS = ('DC', 'DSA')
+METHODS = ('DC', 'DSA') + utils.BASELINE_METHODS
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--method', type=str, default='DC', help=f"one of {', '.join(METHODS)}")
+    parser.add_argument('--method', type=str, default='DC', help=(
+        f"one of {', '.join(METHODS)}. random/herding/kcenter/forgetting select ipc real training images per class "
+        f"(no learning); whole trains the evaluation models on the full training set (--epoch_eval_train defaults "
+        f"to {utils.WHOLE_EPOCHS} for it). Baselines are evaluated like DC sets (DC augmentation rule), or with DSA "
+        f"augmentation when --dsa_strategy is given"))
     utils.add_common_args(parser)
     parser.add_argument('--dis_metric', type=str, default='ours', help='gradient distance: ours, mse or cos')
     parser.add_argument('--outer_loop', type=int, default=None, help='override the outer loop of the ipc table')
     parser.add_argument('--inner_loop', type=int, default=None, help='override the inner loop of the ipc table')
+    parser.add_argument('--feat_epochs', type=int, default=2,
+                        help='herding/kcenter: epochs of the --model feature network trained on the full training set '
+                             '(cached in save_path as featnet_*.pt)')
+    parser.add_argument('--forget_epochs', type=int, default=3,
+                        help='forgetting: epochs of full-set training during which forgetting events are counted')
     return parser.parse_args(argv)
 
 
@@ -28,15 +39,25 @@ def main(argv=None):
     utils.check_choice(args.method, METHODS, 'method')
     utils.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
     utils.check_common_args(args)
+    if args.feat_epochs < 0:
+        raise utils.UserError(f'--feat_epochs must be >= 0, got {args.feat_epochs}')
+    if args.forget_epochs < 2:
+        raise utils.UserError(f'--forget_epochs must be >= 2 (a forgetting event spans two epochs), '
+                              f'got {args.forget_epochs}')
     args.default_epoch_eval = 300
+    if args.method == 'whole' and args.epoch_eval_train is None:
+        args.epoch_eval_train = utils.WHOLE_EPOCHS
     if args.method == 'DSA' and args.dsa_strategy in ('None', 'none', ''):
         args.dsa_strategy = utils.default_dsa_strategy(args.dataset)
         utils.log(args, f'DSA strategy not given: using {args.dsa_strategy} (the paper\'s for {args.dataset})')
-    outer_loop, inner_loop = (None, None) if args.load_syn else utils.get_loops(args.ipc, args.outer_loop, args.inner_loop)
+    learns = args.method in ('DC', 'DSA') and not args.load_syn
+    outer_loop, inner_loop = utils.get_loops(args.ipc, args.outer_loop, args.inner_loop) if learns else (None, None)
 
     data = utils.get_dataset(args.dataset, args.data_path).to(args.device)
     if args.load_syn:
         return utils.evaluate_saved(args, data)
+    if args.method in utils.BASELINE_METHODS:
+        return run_baseline(args, data)
     utils.check_ipc_fits(data, args.ipc)
     utils.log(args, f'{args.method} on {args.dataset} with {args.model}, ipc {args.ipc}: outer_loop {outer_loop}, '
                     f'inner_loop {inner_loop}, {args.Iteration} iterations, device {args.device}')
@@ -49,6 +70,25 @@ def main(argv=None):
         return utils.dc_iteration(image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop)
 
     return utils.run_experiments(args, data, init, step)
+
+
+def run_baseline(args, data):
+    """Coreset selection (evaluated once, like a DC set at iteration 0) or the whole-dataset bound."""
+    aug = f'DSA {args.dsa_strategy}' if utils.method_uses_dsa(args.method, args.dsa_strategy) else 'the DC rule'
+    if args.method == 'whole':
+        if args.resume:
+            utils.log(args, '--resume does not apply to whole: every experiment is a fresh training run')
+        utils.log(args, f'whole {args.dataset} training set on {args.model}: {args.epoch_eval_train} epochs, '
+                        f'augmentation by {aug}, device {args.device}')
+        return utils.run_whole(args, data)
+    utils.check_ipc_fits(data, args.ipc)
+    utils.log(args, f'{args.method} coreset of {args.dataset}, ipc {args.ipc}, features/training by {args.model}, '
+                    f'evaluation augmentation by {aug}, device {args.device}')
+
+    def init(exp):
+        return utils.coreset(args.method, data, args, args.seed + exp)
+
+    return utils.run_experiments(args, data, init)
 
 
 if __name__ == '__main__':

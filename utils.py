@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm import tqdm
 
 from augment import DiffAugment, ParamDiffAug, augment_dc, parse_strategy
@@ -661,10 +662,12 @@ def eval_settings(method, dataset, model_eval, dsa_strategy, epoch_eval_train=No
     """Augmentation and epoch count for training one evaluation model (SPEC §1, §7).
 
     Returns (dsa_strategy or None, dc_strategy or None, epochs). DSA-style methods augment with DSA; DC uses the DC
-    augmentation rule. Epochs: 1000 when any augmentation is on, else default_epochs, unless the user set them."""
+    augmentation rule, and so do the coreset baselines (BASELINE_METHODS) unless a DSA strategy is given, as the DC
+    paper evaluates them like DC sets. Epochs: 1000 when any augmentation is on, else default_epochs, unless the user
+    set them."""
     dsa = dsa_strategy if method_uses_dsa(method, dsa_strategy) else None
     dc = None
-    if dsa is None and method == 'DC':
+    if dsa is None and (method == 'DC' or method in BASELINE_METHODS):
         strategy = dc_aug_strategy(dataset, model_eval)
         dc = None if strategy == 'none' else strategy
     if epoch_eval_train is not None:
@@ -692,7 +695,7 @@ def default_dsa_strategy(dataset):
 # ---------------------------------------------------------------------------------------------
 
 def augment_batch(images, dsa_strategy=None, dc_strategy=None, dsa_param=None):
-    """Independent (per-image) augmentation for network training."""
+    """Independent (per-image) augmentation for network training, from the global RNG."""
     if dsa_strategy:
         return DiffAugment(images, dsa_strategy, param=dsa_param)
     if dc_strategy:
@@ -700,56 +703,267 @@ def augment_batch(images, dsa_strategy=None, dc_strategy=None, dsa_param=None):
     return images
 
 
-def train_epoch(net, optimizer, images, labels, batch_size, dsa_strategy=None, dc_strategy=None, dsa_param=None):
-    """One pass over an in-memory set in random order. Nothing leaves the device."""
+class NetRandom:
+    """The private random streams of one evaluation network: its batch orders and its augmentation draws.
+
+    Evaluation draws every random number of network k from its own NetRandom, so training the networks one by one
+    or all together (train_and_test_batched) draws the same numbers and gives the same accuracies. Batch orders and
+    augmentation parameters come from a generator on the device; the DSA op group is picked from a CPU generator,
+    so picking it never waits for the GPU (a device generator would need a .item() per batch)."""
+
+    def __init__(self, seed, choice_seed, device):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(int(seed))
+        self.choice_generator = torch.Generator('cpu').manual_seed(int(choice_seed))
+
+    def perm(self, n):
+        return torch.randperm(n, generator=self.generator, device=self.device)
+
+    def augment(self, images, dsa_strategy=None, dc_strategy=None, dsa_param=None):
+        """Like augment_batch: DSA with per-image parameters (one op group per call in aug_mode 'S'), else DC."""
+        if dsa_strategy:
+            param = dsa_param or ParamDiffAug()
+            groups = parse_strategy(dsa_strategy)
+            if param.aug_mode == 'S' and len(groups) > 1:
+                # DiffAugment would pick the group itself; picking it here keeps the draw on the CPU. Given a single
+                # group, DiffAugment draws no choice.
+                dsa_strategy = groups[int(torch.randint(len(groups), (1,), generator=self.choice_generator))]
+            return DiffAugment(images, dsa_strategy, param=param, generator=self.generator)
+        if dc_strategy:
+            return augment_dc(images, dc_strategy, generator=self.generator)
+        return images
+
+
+def net_randoms(num, device):
+    """num NetRandoms seeded from the global (per-experiment seeded) torch RNG, network after network."""
+    seeds = torch.randint(0, 2**62, (num, 2)).tolist()
+    return [NetRandom(seed, choice_seed, device) for seed, choice_seed in seeds]
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast on the device's type when enabled (--bf16), else a no-op context."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bool(enabled))
+
+
+def train_epoch(net, optimizer, images, labels, batch_size, dsa_strategy=None, dc_strategy=None, dsa_param=None,
+                rand=None, bf16=False, channels_last=False):
+    """One pass over an in-memory set in random order. Nothing leaves the device.
+
+    rand: a NetRandom for the batch order and augmentation (default: the global RNG). bf16: forward under bfloat16
+    autocast. channels_last: feed the batches in channels_last memory format (the network should be in it too)."""
     net.train()
-    order = torch.randperm(images.shape[0], device=images.device)
-    for start in range(0, images.shape[0], batch_size):
+    n = images.shape[0]
+    order = rand.perm(n) if rand is not None else torch.randperm(n, device=images.device)
+    for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        img = augment_batch(images[idx], dsa_strategy, dc_strategy, dsa_param)
-        loss = F.cross_entropy(net(img), labels[idx])
+        if rand is not None:
+            img = rand.augment(images[idx], dsa_strategy, dc_strategy, dsa_param)
+        else:
+            img = augment_batch(images[idx], dsa_strategy, dc_strategy, dsa_param)
+        if channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        with autocast(img.device, bf16):
+            out = net(img)
+        loss = F.cross_entropy(out.float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
 
 @torch.inference_mode()
-def test_accuracy(net, images, labels, batch_size=1024):
+def test_accuracy(net, images, labels, batch_size=1024, bf16=False, channels_last=False):
     """Accuracy over a whole tensor set; the count stays on the device until the end."""
     net.eval()
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     for start in range(0, images.shape[0], batch_size):
-        out = net(images[start:start + batch_size])
+        img = images[start:start + batch_size]
+        if channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        with autocast(img.device, bf16):
+            out = net(img)
         correct += (out.argmax(1) == labels[start:start + batch_size]).sum()
     return correct.item() / max(1, images.shape[0])
 
 
+COMPILE_ERROR = None  # why torch.compile failed in this process, once it has: later networks skip it silently
+
+
+class SoftCompiled:
+    """torch.compile(net) that fails soft: if compiling is unavailable or fails (no C++ compiler, unsupported op), it
+    says so in one line on stderr (once per process) and runs net eagerly. Exposes what training needs of a module."""
+
+    def __init__(self, net):
+        self.net = net
+        self.compiled = None
+        if COMPILE_ERROR is None:
+            try:
+                self.compiled = torch.compile(net)
+            except Exception as e:  # e.g. a Python version or platform torch.compile does not support
+                self._give_up(e)
+
+    def _give_up(self, e):
+        global COMPILE_ERROR
+        COMPILE_ERROR = _short(e, 120)
+        print(f'warning: torch.compile is unavailable here ({COMPILE_ERROR}); running eagerly', file=sys.stderr)
+        self.compiled = None
+
+    def __call__(self, x):
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as e:  # compilation happens on the first calls: a failure shows up here
+                self._give_up(e)
+        return self.net(x)
+
+    def train(self, mode=True):
+        self.net.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
 def train_and_test(net, images_train, labels_train, images_test, labels_test, epochs, lr, batch_size,
-                   dsa_strategy=None, dc_strategy=None, dsa_param=None):
+                   dsa_strategy=None, dc_strategy=None, dsa_param=None, rand=None, bf16=False, channels_last=False,
+                   compile=False):
     """The evaluation protocol: epochs+1 epochs of SGD (momentum 0.9, wd 5e-4), lr x0.1 with a fresh optimizer
-    after epoch epochs//2, then test accuracy."""
+    after epoch epochs//2, then test accuracy.
+
+    rand: the network's NetRandom (default: the global RNG). bf16 / channels_last / compile: the opt-in speed flags
+    (bfloat16 autocast of training and test forwards, channels_last network and batches, torch.compile)."""
     images_train = images_train.detach()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = SoftCompiled(net) if compile else net
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     decay_epoch = epochs // 2 + 1
     for ep in range(epochs + 1):
-        train_epoch(net, optimizer, images_train, labels_train, batch_size, dsa_strategy, dc_strategy, dsa_param)
+        train_epoch(model, optimizer, images_train, labels_train, batch_size, dsa_strategy, dc_strategy, dsa_param,
+                    rand, bf16, channels_last)
         if ep == decay_epoch:
             lr *= 0.1
             optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    return test_accuracy(net, images_test, labels_test)
+    return test_accuracy(model, images_test, labels_test, bf16=bf16, channels_last=channels_last)
+
+
+# Networks x images a batched test forward takes at once (the one-by-one test pass takes 1024 images).
+BATCHED_TEST_IMAGES = 1024
+# Bound on networks x batch x pixels that batched evaluation training holds at once (activations scale with it).
+BATCHED_EVAL_PIXELS = 4_000_000
+
+
+def sgd_step_(params, grads, momentum_buffers, lr, momentum=0.9, weight_decay=5e-4):
+    """In place, what torch.optim.SGD(lr, momentum, weight_decay) does on its step (no dampening, no nesterov):
+    d = g + wd * p; buf = d on the first step, else momentum * buf + d; p -= lr * buf. Works on stacked tensors of
+    many networks at once. momentum_buffers is a list, empty for a fresh optimizer, filled on the first step."""
+    with torch.no_grad():
+        d = torch._foreach_add(grads, params, alpha=weight_decay)
+        if not momentum_buffers:
+            momentum_buffers.extend(torch.clone(x).detach() for x in d)
+        else:
+            torch._foreach_mul_(momentum_buffers, momentum)
+            torch._foreach_add_(momentum_buffers, d)
+        torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+
+
+def train_and_test_batched(nets, rands, images_train, labels_train, images_test, labels_test, epochs, lr, batch_size,
+                           dsa_strategy=None, dc_strategy=None, dsa_param=None, bf16=False):
+    """train_and_test of several networks of one architecture (without BatchNorm) at once: their parameters are
+    stacked (torch.func.stack_module_state) and one vmapped forward/backward serves them all. Network k keeps its own
+    initialisation, batch orders and augmentation draws (rands[k]), so the accuracies equal those of train_and_test
+    with rand=rands[k] up to float rounding. Returns the list of test accuracies."""
+    images_train = images_train.detach()
+    skeleton = nets[0]  # functional_call only borrows its structure; the stacked tensors are the parameters
+    for net in nets:
+        net.train()
+    params, buffers = stack_module_state(nets)
+    names, values = list(params), list(params.values())
+
+    def forward(p, b, x):
+        if bf16:  # autocast does not reach inside vmap: the forward runs on bfloat16 copies (fp32 master weights)
+            p = {name: v.to(torch.bfloat16) for name, v in p.items()}
+            x = x.to(torch.bfloat16)
+        return functional_call(skeleton, (p, b), (x,))
+
+    forward_each = vmap(forward)  # network k on its own batch x[k]
+    forward_shared = vmap(forward, in_dims=(0, 0, None))  # every network on the same batch
+    n, k = images_train.shape[0], len(nets)
+    momentum_buffers = []
+    decay_epoch = epochs // 2 + 1
+    for ep in range(epochs + 1):
+        orders = [r.perm(n) for r in rands]
+        for start in range(0, n, batch_size):
+            idx = [o[start:start + batch_size] for o in orders]
+            img = torch.stack([r.augment(images_train[i], dsa_strategy, dc_strategy, dsa_param)
+                               for r, i in zip(rands, idx)])
+            lab = torch.stack([labels_train[i] for i in idx])
+            out = forward_each(params, buffers, img)
+            # the sum of the networks' mean losses: each network's gradient is that of its own mean loss
+            loss = F.cross_entropy(out.float().flatten(0, 1), lab.flatten(), reduction='sum') / lab.shape[1]
+            grads = torch.autograd.grad(loss, values)
+            sgd_step_(values, list(grads), momentum_buffers, lr)
+        if ep == decay_epoch:
+            lr *= 0.1
+            momentum_buffers = []  # a fresh optimizer: the momentum restarts
+    params = {name: v.detach() for name, v in zip(names, values)}
+    with torch.no_grad():  # leave each network trained, as train_and_test does
+        for i, net in enumerate(nets):
+            for name, p in net.named_parameters():
+                p.copy_(params[name][i])
+    skeleton.eval()
+    correct = torch.zeros(k, dtype=torch.long, device=images_test.device)
+    step = max(1, BATCHED_TEST_IMAGES // k)
+    with torch.inference_mode():
+        for start in range(0, images_test.shape[0], step):
+            out = forward_shared(params, buffers, images_test[start:start + step])
+            correct += (out.argmax(-1) == labels_test[start:start + step]).sum(1)
+    return (correct.double() / max(1, images_test.shape[0])).tolist()
+
+
+def flag_on(value, device):
+    """An on/off/auto speed flag: 'auto' (or None) means on exactly when the device is a GPU."""
+    if value in (None, 'auto'):
+        return torch.device(device).type == 'cuda'
+    return str(value).lower() not in ('0', 'false', 'off', 'no')
+
+
+def eval_group_size(num_eval, n_train, batch_size, im_size):
+    """How many evaluation networks train together: bounded by BATCHED_EVAL_PIXELS (networks x batch x pixels)."""
+    per_net = min(batch_size, max(1, n_train)) * im_size[0] * im_size[1]
+    return max(1, min(num_eval, BATCHED_EVAL_PIXELS // per_net))
 
 
 def evaluate_models(images, labels, data, args, model_eval, num_eval, desc=''):
-    """Train num_eval fresh networks of one architecture on a (synthetic) set; return their test accuracies."""
+    """Train num_eval fresh networks of one architecture on a (synthetic) set; return their test accuracies.
+
+    Networks are created one after another from the global RNG, and each gets a NetRandom for its batch orders and
+    augmentation. Models without BatchNorm are trained together in groups (train_and_test_batched) when
+    --eval_batched is on (auto: on a GPU); otherwise, and with --channels_last or --compile (which act on modules),
+    one by one. Both paths draw the same random numbers, so the accuracies agree to float rounding."""
     dsa, dc, epochs = eval_settings(args.method, data.name, model_eval, args.dsa_strategy,
                                     args.epoch_eval_train, args.default_epoch_eval)
+    bf16, channels_last, compile = (getattr(args, f, False) for f in ('bf16', 'channels_last', 'compile'))
+    rands = net_randoms(num_eval, args.device)
+    make_net = lambda: get_network(model_eval, data.channel, data.num_classes, data.im_size, device=args.device)
+    first = make_net()
+    batched = (flag_on(getattr(args, 'eval_batched', 'auto'), args.device) and not has_batchnorm(first)
+               and not channels_last and not compile and num_eval > 1)
+    group = eval_group_size(num_eval, images.shape[0], args.batch_train, data.im_size) if batched else 1
     accs = []
-    bar = tqdm(range(num_eval), desc=desc or f'eval {model_eval}', leave=False, disable=args.quiet)
-    for _ in bar:
-        net = get_network(model_eval, data.channel, data.num_classes, data.im_size, device=args.device)
-        acc = train_and_test(net, images, labels, data.images_test, data.labels_test, epochs, args.lr_net,
-                             args.batch_train, dsa, dc, args.dsa_param)
-        accs.append(acc)
+    with tqdm(total=num_eval, desc=desc or f'eval {model_eval}', leave=False, disable=args.quiet) as bar:
+        while len(accs) < num_eval:
+            # training draws nothing from the global RNG, so creating the networks lazily keeps their weights
+            size = min(group, num_eval - len(accs))
+            nets = [first if not accs and i == 0 else make_net() for i in range(size)]
+            group_rands = rands[len(accs):len(accs) + size]
+            if size > 1:
+                accs += train_and_test_batched(nets, group_rands, images, labels, data.images_test, data.labels_test,
+                                               epochs, args.lr_net, args.batch_train, dsa, dc, args.dsa_param, bf16)
+            else:
+                accs.append(train_and_test(nets[0], images, labels, data.images_test, data.labels_test, epochs,
+                                           args.lr_net, args.batch_train, dsa, dc, args.dsa_param, group_rands[0],
+                                           bf16, channels_last, compile))
+            bar.update(size)
     return accs
 
 
@@ -800,23 +1014,100 @@ def freeze_bn_from_real(net, data, classes, n_per_class=16):
         m.eval()
 
 
+def class_batches(data, image_syn, i, c, ipc, batch_real, dsa_strategy=None, dsa_param=None):
+    """The real batch and the synthetic images of class c (the i-th class), with one Siamese DSA transform drawn for
+    both. Random draws, in order: the real batch, then the transform seed."""
+    img_real = sample_class_images(data, c, batch_real)
+    img_syn = image_syn[i * ipc:(i + 1) * ipc]
+    if dsa_strategy:
+        seed = draw_seed()  # Siamese: the same transform for the real and the synthetic batch
+        img_real = DiffAugment(img_real, dsa_strategy, param=dsa_param, seed=seed)
+        img_syn = DiffAugment(img_syn, dsa_strategy, param=dsa_param, seed=seed)
+    return img_real, img_syn
+
+
+def class_pair_loss(net, params, img_real, img_syn, c, metric):
+    """Distance between the gradients of the real and of the synthetic batch of class c (the latter differentiable)."""
+    lab_real = torch.full((img_real.shape[0],), c, device=img_real.device, dtype=torch.long)
+    lab_syn = torch.full((img_syn.shape[0],), c, device=img_syn.device, dtype=torch.long)
+    gw_real = torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)
+    gw_real = [g.detach() for g in gw_real]
+    gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab_syn), params, create_graph=True)
+    return match_loss(gw_syn, gw_real, metric)
+
+
 def class_gradient_loss(net, image_syn, data, classes, ipc, batch_real, metric, dsa_strategy=None, dsa_param=None):
     """Sum over classes of the distance between the gradients of the real and of the synthetic batch of that class."""
     params = [p for p in net.parameters() if p.requires_grad]
     loss = 0
     for i, c in enumerate(classes):
-        img_real = sample_class_images(data, c, batch_real)
-        img_syn = image_syn[i * ipc:(i + 1) * ipc]
-        if dsa_strategy:
-            seed = draw_seed()  # Siamese: the same transform for the real and the synthetic batch
-            img_real = DiffAugment(img_real, dsa_strategy, param=dsa_param, seed=seed)
-            img_syn = DiffAugment(img_syn, dsa_strategy, param=dsa_param, seed=seed)
-        lab_real = torch.full((img_real.shape[0],), c, device=img_real.device, dtype=torch.long)
-        lab_syn = torch.full((img_syn.shape[0],), c, device=img_syn.device, dtype=torch.long)
-        gw_real = torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)
-        gw_real = [g.detach() for g in gw_real]
-        gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab_syn), params, create_graph=True)
-        loss = loss + match_loss(gw_syn, gw_real, metric)
+        img_real, img_syn = class_batches(data, image_syn, i, c, ipc, batch_real, dsa_strategy, dsa_param)
+        loss = loss + class_pair_loss(net, params, img_real, img_syn, c, metric)
+    return loss
+
+
+def match_loss_classes(gw_syn, gw_real, metric='ours'):
+    """match_loss of K classes at once: gradients stacked along a leading class dimension; returns (K,) distances."""
+    check_choice(metric, METRICS, 'distance metric')
+    if metric == 'ours':
+        dis = torch.zeros(gw_real[0].shape[0], device=gw_real[0].device, dtype=gw_real[0].dtype)
+        for g_syn, g_real in zip(gw_syn, gw_real):
+            if g_real.dim() == 2:  # a 1-D parameter per class: contributes nothing (distance_wb)
+                continue
+            g_syn = g_syn.flatten(2)
+            g_real = g_real.flatten(2)
+            cos = (g_syn * g_real).sum(-1) / (g_syn.norm(dim=-1) * g_real.norm(dim=-1) + 1e-6)
+            dis = dis + (1 - cos).sum(-1)
+        return dis
+    vec_syn = torch.cat([g.flatten(1) for g in gw_syn], dim=1)
+    vec_real = torch.cat([g.flatten(1) for g in gw_real], dim=1)
+    if metric == 'mse':
+        return ((vec_syn - vec_real) ** 2).sum(-1)
+    return 1 - (vec_syn * vec_real).sum(-1) / (vec_syn.norm(dim=-1) * vec_real.norm(dim=-1) + 1e-6)
+
+
+def class_gradients(net, images, labels):
+    """Gradients of the cross-entropy of each class's batch w.r.t. the network's parameters, all classes in one
+    vmapped computation: images (K, n, C, H, W), labels (K,) -> list over parameters of (K, *shape) tensors.
+    The parameters enter detached, so only what images depend on (the synthetic set) is tracked by autograd: the
+    result is differentiable w.r.t. the images by ordinary autograd (torch.func.grad composes with it)."""
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+
+    def loss_of(p, x, y):
+        out = functional_call(net, (p, buffers), (x,))
+        return F.cross_entropy(out, y.expand(x.shape[0]))
+
+    grads = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, images, labels)
+    return [grads[name] for name in params]
+
+
+# Bound on classes x (batch_real + ipc) x pixels that one batched gradient computation takes (activations scale
+# with it; about 15 GB for ConvNet on 32x32 images).
+BATCHED_CLASS_PIXELS = 3_000_000
+
+
+def class_gradient_loss_batched(net, image_syn, data, classes, ipc, batch_real, metric, dsa_strategy=None,
+                                dsa_param=None):
+    """class_gradient_loss with the per-class gradients of many classes computed together (class_gradients), for
+    networks without BatchNorm. Same random draws in the same order (real batch, then Siamese seed, class by class),
+    so the loss and its gradient on image_syn equal the loop's to float rounding. Classes go in chunks bounded by
+    BATCHED_CLASS_PIXELS; when real batches differ in size (a class smaller than batch_real) it falls back to the
+    per-class loop on the same batches."""
+    pairs = [class_batches(data, image_syn, i, c, ipc, batch_real, dsa_strategy, dsa_param)
+             for i, c in enumerate(classes)]
+    if len({real.shape[0] for real, _ in pairs}) > 1:
+        params = [p for p in net.parameters() if p.requires_grad]
+        return sum(class_pair_loss(net, params, real, syn, c, metric) for (real, syn), c in zip(pairs, classes))
+    h, w = image_syn.shape[2:]
+    chunk = max(1, BATCHED_CLASS_PIXELS // ((pairs[0][0].shape[0] + ipc) * h * w))
+    loss = 0
+    for start in range(0, len(classes), chunk):
+        members = range(start, min(start + chunk, len(classes)))
+        labels = torch.as_tensor([classes[i] for i in members], device=image_syn.device)
+        gw_real = [g.detach() for g in class_gradients(net, torch.stack([pairs[i][0] for i in members]), labels)]
+        gw_syn = class_gradients(net, torch.stack([pairs[i][1] for i in members]), labels)
+        loss = loss + match_loss_classes(gw_syn, gw_real, metric).sum()
     return loss
 
 
@@ -827,11 +1118,13 @@ def dc_iteration(image_syn, label_syn, optimizer_img, data, args, classes, outer
     net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
     net.train()
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+    # all classes in one vmapped gradient computation (--batched_classes; auto: on a GPU), BatchNorm models per class
+    batched = flag_on(getattr(args, 'batched_classes', 'auto'), image_syn.device) and not has_batchnorm(net)
+    gradient_loss = class_gradient_loss_batched if batched else class_gradient_loss
     loss_sum = torch.zeros((), device=image_syn.device)
     for ol in range(outer_loop):
         freeze_bn_from_real(net, data, classes)
-        loss = class_gradient_loss(net, image_syn, data, classes, ipc, args.batch_real, args.dis_metric, dsa,
-                                   args.dsa_param)
+        loss = gradient_loss(net, image_syn, data, classes, ipc, args.batch_real, args.dis_metric, dsa, args.dsa_param)
         optimizer_img.zero_grad(set_to_none=True)
         loss.backward()
         optimizer_img.step()
@@ -999,7 +1292,7 @@ def load_synthetic_sets(path, channel=None, im_size=None, num_classes=None):
 # ---------------------------------------------------------------------------------------------
 
 RESUME_KEYS = ('method', 'dataset', 'model', 'ipc', 'Iteration', 'seed', 'init', 'lr_img', 'batch_real', 'dsa_strategy',
-               'dis_metric', 'num_exp')
+               'dis_metric', 'num_exp', 'feat_epochs', 'forget_epochs')
 
 
 def evaluate_pool(images, labels, data, args, eval_pool, tag):
@@ -1107,10 +1400,22 @@ def run_experiments(args, data, init_fn, step_fn=None):
     print('\n==================== Final Results ====================\n')
     for line in summary_lines(args.num_exp, args.model, summary):
         print(line)
+    memory = peak_memory_mb(args.device)
+    log(args, f'peak memory: host {memory["host_mb"]:.0f} MB' +
+        (f', {args.device} {memory["device_mb"]:.0f} MB' if 'device_mb' in memory else ''))
     write_json_atomic(os.path.join(args.save_path, f'res_{stem}.json'), {
         'config': config_dict(args), 'results': summary, 'history': state['history'],
-        'wall_seconds': round(time.time() - t_start, 3), 'res_file': res_path})
+        'wall_seconds': round(time.time() - t_start, 3), 'peak_memory': memory, 'res_file': res_path})
     return summary
+
+
+def peak_memory_mb(device='cpu'):
+    """Peak resident host memory of this process (and peak allocated CUDA memory), in MB."""
+    import resource
+    out = {'host_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if str(device).startswith('cuda') and torch.cuda.is_available():
+        out['device_mb'] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def evaluate_saved(args, data):
@@ -1173,7 +1478,21 @@ def add_common_args(parser, **defaults):
     a('--load_syn', type=str, default=None, help='evaluate the sets of a res_*.pt without learning')
     a('--no_vis', dest='save_vis', action='store_false', help='do not write vis png grids')
     a('--quiet', action='store_true', help='no progress bars or per-evaluation logs')
+    # speed (docs/PERFORMANCE.md): none of these changes results beyond float rounding, except --bf16
+    a('--eval_batched', type=str, default='auto', choices=SPEED_FLAG_CHOICES,
+      help='train the num_eval networks together with torch.func (models without BatchNorm); auto: on a GPU')
+    a('--batched_classes', type=str, default='auto', choices=SPEED_FLAG_CHOICES,
+      help='DC/DSA: per-class gradients of all classes in one vmapped computation (models without BatchNorm); '
+           'auto: on a GPU')
+    a('--channels_last', action='store_true', help='evaluation networks and batches in channels_last memory format '
+                                                   '(implies one-by-one evaluation)')
+    a('--bf16', action='store_true', help='bfloat16 autocast in evaluation training and test forwards')
+    a('--compile', action='store_true', help='torch.compile the evaluation networks (implies one-by-one evaluation; '
+                                             'falls back to eager with a warning when unavailable)')
     return parser
+
+
+SPEED_FLAG_CHOICES = ('auto', '1', '0')
 
 
 def check_common_args(args):
@@ -1215,3 +1534,203 @@ def cli(main_fn):
     except KeyboardInterrupt:
         print('interrupted: rerun with --resume to continue from the last checkpoint', file=sys.stderr)
         sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coreset baselines (random, herding, k-center, forgetting) and the whole-dataset bound
+# ---------------------------------------------------------------------------------------------
+
+SELECTION_METHODS = ('random', 'herding', 'kcenter', 'forgetting')  # real-image coresets, ipc per class
+BASELINE_METHODS = SELECTION_METHODS + ('whole',)  # evaluated like DC sets (see eval_settings)
+BASELINE_BATCH = 256  # batch of the feature / forgetting networks trained on the full set
+WHOLE_EPOCHS = 30  # --epoch_eval_train default of --method whole (a full pass is ~N/ipc times longer)
+
+
+def _check_pick_count(n, ipc):
+    if not 1 <= ipc <= n:
+        raise ValueError(f'cannot select {ipc} distinct examples out of {n}')
+
+
+def random_selection(n, ipc, device):
+    """ipc distinct positions out of n, uniformly at random (the DC paper's 'Random')."""
+    _check_pick_count(n, ipc)
+    return torch.randperm(n, device=device)[:ipc]
+
+
+def herding_selection(features, ipc):
+    """Greedy herding: each step adds the row that brings the mean of the selected rows closest to the mean of all
+    rows. features: (n, d). Returns ipc distinct positions in pick order."""
+    n = features.shape[0]
+    _check_pick_count(n, ipc)
+    target = features.mean(0)
+    total = torch.zeros_like(target)
+    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
+    picks = []
+    for t in range(1, ipc + 1):
+        # squared distance to the target of the mean after adding each candidate, all candidates at once
+        dist = ((total + features) / t - target).pow(2).sum(1).masked_fill(taken, float('inf'))
+        i = torch.argmin(dist)
+        picks.append(i)
+        taken[i] = True
+        total = total + features[i]
+    return torch.stack(picks)
+
+
+def _distances_to(features, point):
+    # the direct formula, not the matmul expansion: exact, so hand-made ties and zeros stay exact
+    return torch.cdist(features, point.unsqueeze(0), compute_mode='donot_use_mm_for_euclid_dist').squeeze(1)
+
+
+def kcenter_selection(features, ipc):
+    """Greedy k-center (farthest-point) selection: start from the row closest to the mean, then repeatedly add
+    the row farthest from everything selected so far. features: (n, d). Returns ipc distinct positions in pick order."""
+    _check_pick_count(features.shape[0], ipc)
+    first = torch.argmin(_distances_to(features, features.mean(0)))
+    min_dist = _distances_to(features, features[first])
+    taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    taken[first] = True
+    picks = [first]
+    for _ in range(ipc - 1):
+        i = torch.argmax(min_dist.masked_fill(taken, -1.0))  # -1: duplicates at distance 0 are still pickable
+        picks.append(i)
+        taken[i] = True
+        min_dist = torch.minimum(min_dist, _distances_to(features, features[i]))
+    return torch.stack(picks)
+
+
+def forgetting_counts(correct_history):
+    """Forgetting events per example: how often it goes from correctly classified at one epoch to incorrectly
+    classified at the next. correct_history: (epochs, N) bool. Returns (N,) int64."""
+    h = torch.as_tensor(correct_history, dtype=torch.bool)
+    return (h[:-1] & ~h[1:]).sum(0, dtype=torch.long)
+
+
+def forgetting_selection(counts, ipc):
+    """The ipc most-forgotten positions; ties broken at random (a random order, then a stable sort by count)."""
+    _check_pick_count(counts.numel(), ipc)
+    perm = torch.randperm(counts.numel(), device=counts.device)
+    order = torch.argsort(counts[perm], descending=True, stable=True)
+    return perm[order[:ipc]]
+
+
+def train_full_set(net, data, epochs, lr, batch_size=BASELINE_BATCH, desc='train', quiet=False):
+    """Plain SGD (momentum 0.9, wd 5e-4, no augmentation) on the whole training set.
+
+    Returns the (epochs, N) bool record of whether each example was classified correctly in its own training
+    forward pass of each epoch; it stays on the device."""
+    images, labels = data.images_train, data.labels_train
+    n = labels.shape[0]
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    correct = torch.zeros(epochs, n, dtype=torch.bool, device=labels.device)
+    net.train()
+    for ep in tqdm(range(epochs), desc=desc, leave=False, disable=quiet):
+        order = torch.randperm(n, device=labels.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            out = net(images[idx])
+            loss = F.cross_entropy(out, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            correct[ep, idx] = out.detach().argmax(1) == labels[idx]
+    return correct
+
+
+def _forked_rng(device):
+    """Context in which the global torch RNG may be reseeded: the CPU and CUDA states are restored on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.device(device).type == 'cuda' else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def featnet_path(args, dataset, seed):
+    return os.path.join(args.save_path, f'featnet_{dataset}_{args.model}_{args.feat_epochs}ep_seed{seed}.pt')
+
+
+def feature_net(data, args, seed):
+    """A --model network trained on the full training set for --feat_epochs epochs, in eval mode.
+
+    Cached as a state dict in save_path (featnet_{dataset}_{model}_{epochs}ep_seed{seed}.pt) and reused by the
+    herding and k-center runs. It is built and trained from torch seed `seed` inside a forked RNG, so the
+    network depends only on its file name and the caller's random stream is the same whether or not the cache
+    existed (delete the file after changing --lr_net or the data)."""
+    path = featnet_path(args, data.name, seed)
+    with _forked_rng(args.device):
+        torch.manual_seed(seed)
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+        if os.path.isfile(path):
+            try:
+                net.load_state_dict(load_torch_file(path, 'cached feature network'))
+            except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"cached feature network {path} does not fit --model {args.model} on {data.name} "
+                                f"({_short(e)}); delete it so it is retrained") from e
+            log(args, f'feature network loaded from {path}')
+        else:
+            log(args, f'training the feature network ({args.model}, {args.feat_epochs} epochs, seed {seed})')
+            train_full_set(net, data, args.feat_epochs, args.lr_net, desc='feature net', quiet=args.quiet)
+            save_torch_file_atomic({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
+    return net.eval()
+
+
+@torch.inference_mode()
+def embed_images(net, images, indices, batch_size=1024):
+    """net.embed of images[indices], in batches, on the images' device."""
+    return torch.cat([net.embed(images[indices[start:start + batch_size]])
+                      for start in range(0, indices.shape[0], batch_size)])
+
+
+def select_coreset(method, data, args, seed):
+    """Training-set indices of a coreset: args.ipc per class, classes in order. `seed` names the cached feature
+    network of herding/k-center; every other random choice comes from the global RNG (seeded by the caller)."""
+    check_choice(method, SELECTION_METHODS, 'coreset method')
+    check_ipc_fits(data, args.ipc)
+    net, counts = None, None
+    if method in ('herding', 'kcenter'):
+        net = feature_net(data, args, seed)
+    if method == 'forgetting':
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+        history = train_full_set(net, data, args.forget_epochs, args.lr_net, desc='forgetting', quiet=args.quiet)
+        counts = forgetting_counts(history)
+    picks = []
+    for c, idx in enumerate(data.indices_class):
+        if method == 'random':
+            pos = random_selection(idx.numel(), args.ipc, idx.device)
+        elif method == 'forgetting':
+            pos = forgetting_selection(counts[idx], args.ipc)
+        else:
+            features = embed_images(net, data.images_train, idx).float()
+            pos = (herding_selection if method == 'herding' else kcenter_selection)(features, args.ipc)
+        picks.append(idx[pos])
+    return torch.cat(picks)
+
+
+def coreset(method, data, args, seed):
+    """(images, labels) of a coreset: the dataset's own normalised tensors, ipc per class in class order."""
+    indices = select_coreset(method, data, args, seed)
+    return data.images_train[indices], data.labels_train[indices]
+
+
+def run_whole(args, data):
+    """The 'whole dataset' bound: each model of the eval pool trained num_eval times per experiment on the full
+    training set with the evaluation protocol (evaluate_pool), reported like run_experiments. res_whole_*.pt keeps
+    'accs_all_exps' and an empty 'data' (the set is the training set itself). Returns the summary dict."""
+    stem = result_stem(args.method, args.dataset, args.model, args.ipc)
+    res_path = os.path.join(args.save_path, f'res_{stem}.pt')
+    eval_pool = get_eval_pool(args.eval_mode, args.model)
+    accs_all_exps, history = {m: [] for m in eval_pool}, []
+    t_start = time.time()
+    for exp in range(args.num_exp):
+        set_seed(args.seed + exp)
+        log(args, f'================== Exp {exp} ==================')
+        accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole')
+        for m, a in accs.items():
+            accs_all_exps[m] += a
+            history.append({'exp': exp, 'iteration': 0, 'model': m, 'accs': a})
+        save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
+    summary = summarize(accs_all_exps)
+    print('\n==================== Final Results ====================\n')
+    for line in summary_lines(args.num_exp, args.model, summary):
+        print(line)
+    write_json_atomic(os.path.join(args.save_path, f'res_{stem}.json'), {
+        'config': config_dict(args), 'results': summary, 'history': history,
+        'wall_seconds': round(time.time() - t_start, 3), 'res_file': res_path})
+    return summary

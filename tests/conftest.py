@@ -22,12 +22,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def make_class_images(num_classes, per_class, channel, size, seed=0):
+def make_class_images(num_classes, per_class, channel, size, seed=0, noise=0.08):
     """Learnable synthetic images: uint8 (num_classes * per_class, channel, H, W) and int64 labels.
 
     Class k is a smooth sinusoidal grating with its own orientation, frequency and per-channel phase;
-    each image adds a random phase shift, contrast change and pixel noise. A small ConvNet trained on
-    a few images per class separates the classes far above chance. Images are in class-major order.
+    each image adds a random phase shift, contrast change and pixel noise (std `noise`). A small ConvNet
+    trained on a few images per class separates the classes far above chance at the default noise; more
+    noise makes single images poor class representatives. Images are in class-major order.
     """
     H, W = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
@@ -41,18 +42,18 @@ def make_class_images(num_classes, per_class, channel, size, seed=0):
     jitter = rng.uniform(-0.4, 0.4, size=(num_classes, per_class, 1, 1, 1))
     contrast = rng.uniform(0.8, 1.2, size=(num_classes, per_class, 1, 1, 1))
     x = 0.5 + 0.35 * contrast * np.sin(2 * np.pi * freq * u + phase + jitter)
-    x = x + rng.normal(0.0, 0.08, size=(num_classes, per_class, channel, H, W))
+    x = x + rng.normal(0.0, noise, size=(num_classes, per_class, channel, H, W))
     images = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8).reshape(-1, channel, H, W)
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
     return images, labels
 
 
-def make_split(num_classes, train_per_class, test_per_class, channel, size, seed=0):
+def make_split(num_classes, train_per_class, test_per_class, channel, size, seed=0, noise=0.08):
     """((x_train, y_train), (x_test, y_test)) uint8 N,C,H,W, shuffled like real files (not class-sorted)."""
     rng = np.random.default_rng(seed + 1000)
     out = []
     for per_class, split_seed in ((train_per_class, seed), (test_per_class, seed + 1)):
-        images, labels = make_class_images(num_classes, per_class, channel, size, split_seed)
+        images, labels = make_class_images(num_classes, per_class, channel, size, split_seed, noise)
         order = rng.permutation(len(labels))
         out.append((images[order], labels[order]))
     return tuple(out)
@@ -78,15 +79,17 @@ def write_idx_folder(directory, train, test, gz=False):
         write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{ext}"), labels)
 
 
-def write_mnist(data_path, train_per_class=20, test_per_class=10, num_classes=10, gz=False, seed=0, name="MNIST"):
+def write_mnist(data_path, train_per_class=20, test_per_class=10, num_classes=10, gz=False, seed=0, name="MNIST",
+                noise=0.08):
     """data_path/<name>/raw/ with the four IDX files (name MNIST or FashionMNIST)."""
-    train, test = make_split(num_classes, train_per_class, test_per_class, 1, 28, seed)
+    train, test = make_split(num_classes, train_per_class, test_per_class, 1, 28, seed, noise)
     write_idx_folder(os.path.join(data_path, name, "raw"), train, test, gz)
     return str(data_path)
 
 
-def write_fashion_mnist(data_path, train_per_class=20, test_per_class=10, num_classes=10, gz=True, seed=0):
-    return write_mnist(data_path, train_per_class, test_per_class, num_classes, gz, seed, name="FashionMNIST")
+def write_fashion_mnist(data_path, train_per_class=20, test_per_class=10, num_classes=10, gz=True, seed=0, noise=0.08):
+    return write_mnist(data_path, train_per_class, test_per_class, num_classes, gz, seed, name="FashionMNIST",
+                       noise=noise)
 
 
 # ---------------------------------------------------------------- CIFAR10 / CIFAR100 (pickles)

@@ -1,0 +1,230 @@
+"""main.py and main_DM.py end to end on tiny datasets in the real on-disk formats."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+import main_DM
+import utils
+from conftest import write_cifar10, write_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--num_exp', '1', '--num_eval', '1', '--epoch_eval_train', '2', '--batch_real', '8', '--device', 'cpu',
+        '--quiet']
+
+
+def run_main(module, data_path, save_path, *flags):
+    dataset = 'MNIST' if 'mnist' in str(data_path).lower() else 'CIFAR10'
+    return module.main(['--dataset', dataset, '--data_path', str(data_path), '--save_path', str(save_path), *FAST,
+                        *flags])
+
+
+def check_published_structure(path, num_exp, n_images, shape):
+    res = utils.load_torch_file(path, 'result')
+    assert set(res) >= {'data', 'accs_all_exps'}
+    assert len(res['data']) == num_exp
+    for images, labels in res['data']:
+        assert images.dtype == torch.float32 and tuple(images.shape) == (n_images, *shape)
+        ipc = n_images // 10
+        assert torch.equal(labels, torch.arange(10).repeat_interleave(ipc))
+    return res
+
+
+@pytest.fixture(scope='module')
+def mnist_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp('mnist')
+    write_mnist(path, train_per_class=12, test_per_class=3)
+    return path
+
+
+@pytest.fixture(scope='module')
+def cifar_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp('cifar')
+    write_cifar10(path, train_per_class=12, test_per_class=3)
+    return path
+
+
+@pytest.mark.parametrize('method,ipc,model,eval_mode', [
+    ('DC', 1, 'ConvNet', 'S'),
+    ('DSA', 10, 'ConvNetBN', 'SS'),
+])
+def test_main_end_to_end_mnist(mnist_dir, tmp_path, method, ipc, model, eval_mode):
+    flags = ['--method', method, '--ipc', str(ipc), '--model', model, '--eval_mode', eval_mode, '--Iteration', '2',
+             '--eval_every', '1']
+    if ipc == 10:
+        flags += ['--outer_loop', '2', '--inner_loop', '1', '--init', 'real']
+    summary = run_main(main, mnist_dir, tmp_path, *flags)
+    stem = f'{method}_MNIST_{model}_{ipc}ipc'
+    res = check_published_structure(tmp_path / f'res_{stem}.pt', 1, 10 * ipc, (1, 28, 28))
+    eval_model = 'ConvNet' if eval_mode == 'S' else model
+    assert list(res['accs_all_exps']) == [eval_model] and len(res['accs_all_exps'][eval_model]) == 1
+    for it in (0, 1, 2):
+        assert (tmp_path / f'vis_{stem}_exp0_iter{it}.png').exists()
+    report = json.loads((tmp_path / f'res_{stem}.json').read_text())
+    assert report['results'][eval_model]['n'] == 1 and 'wall_seconds' in report
+    assert summary[eval_model]['mean'] == pytest.approx(100 * res['accs_all_exps'][eval_model][0])
+    assert not (tmp_path / f'ckpt_{stem}.pt').exists()
+
+
+@pytest.mark.parametrize('method,ipc', [('DC', 10), ('DSA', 1)])
+def test_main_end_to_end_cifar(cifar_dir, tmp_path, method, ipc):
+    flags = ['--method', method, '--ipc', str(ipc), '--Iteration', '1', '--init', 'real',
+             '--dsa_strategy', 'color_crop_cutout_flip_scale_rotate']
+    if ipc == 10:
+        flags += ['--outer_loop', '2', '--inner_loop', '1']
+    run_main(main, cifar_dir, tmp_path, *flags)
+    check_published_structure(tmp_path / f'res_{method}_CIFAR10_ConvNet_{ipc}ipc.pt', 1, 10 * ipc, (3, 32, 32))
+
+
+@pytest.mark.parametrize('model,eval_mode', [('ConvNet', 'SS'), ('ConvNetBN', 'SS')])
+def test_dm_end_to_end(cifar_dir, tmp_path, model, eval_mode):
+    run_main(main_DM, cifar_dir, tmp_path, '--model', model, '--ipc', '2', '--Iteration', '3', '--eval_mode', eval_mode,
+             '--eval_every', '2')
+    stem = f'DM_CIFAR10_{model}_2ipc'
+    res = check_published_structure(tmp_path / f'res_{stem}.pt', 1, 20, (3, 32, 32))
+    assert list(res['accs_all_exps']) == [model]
+    assert res['config']['method'] == 'DM' and res['config']['dsa_strategy'] == 'color_crop_cutout_flip_scale_rotate'
+    assert {f'vis_{stem}_exp0_iter{it}.png' for it in (0, 2, 3)} <= set(os.listdir(tmp_path))
+
+
+def test_dm_large_ipc_runs_without_loop_table(tmp_path):
+    write_mnist(tmp_path / 'data', train_per_class=100, test_per_class=2)
+    run_main(main_DM, tmp_path / 'data', tmp_path / 'res', '--dataset', 'MNIST', '--ipc', '100', '--Iteration', '1',
+             '--epoch_eval_train', '0', '--dsa_strategy', 'None', '--no_vis')
+    check_published_structure(tmp_path / 'res' / 'res_DM_MNIST_ConvNet_100ipc.pt', 1, 1000, (1, 28, 28))
+
+
+def test_dm_bn_pool_evaluation(cifar_dir, tmp_path, monkeypatch):
+    # eval_mode B on a reduced pool: the BN fallback of evaluation on two BN architectures
+    monkeypatch.setitem(utils.EVAL_POOLS, 'B', ['ConvNetBN', 'AlexNetBN'])
+    summary = run_main(main_DM, cifar_dir, tmp_path, '--model', 'ConvNetBN', '--ipc', '1', '--Iteration', '1',
+                       '--eval_mode', 'B', '--no_vis')
+    assert set(summary) == {'ConvNetBN', 'AlexNetBN'}
+
+
+def test_seed_determinism(mnist_dir, tmp_path):
+    flags = ['--method', 'DSA', '--ipc', '1', '--Iteration', '3', '--no_vis', '--seed', '7']
+    run_main(main, mnist_dir, tmp_path / 'a', *flags)
+    run_main(main, mnist_dir, tmp_path / 'b', *flags)
+    run_main(main, mnist_dir, tmp_path / 'c', *flags[:-1], '8')
+    load = lambda d: utils.load_torch_file(tmp_path / d / 'res_DSA_MNIST_ConvNet_1ipc.pt', 'r')
+    a, b, c = load('a'), load('b'), load('c')
+    assert torch.equal(a['data'][0][0], b['data'][0][0])
+    assert a['accs_all_exps'] == b['accs_all_exps']
+    assert not torch.equal(a['data'][0][0], c['data'][0][0])
+
+
+@pytest.mark.parametrize('module,method', [(main, 'DSA'), (main_DM, 'DM')])
+def test_resume_equals_uninterrupted(mnist_dir, tmp_path, monkeypatch, module, method):
+    flags = ['--ipc', '1', '--Iteration', '5', '--num_exp', '2', '--checkpoint_every', '2', '--no_vis',
+             '--eval_mode', 'SS', '--eval_every', '2', '--init', 'noise', '--dsa_strategy', 'color_crop_scale']
+    if module is main:
+        flags += ['--method', 'DSA']
+    run_main(module, mnist_dir, tmp_path / 'full', *flags)
+
+    # interrupt the second experiment in its 4th iteration: the last checkpoint is exp 1, iteration 2
+    step_name = 'dc_iteration' if module is main else 'dm_iteration'
+    real_step = getattr(utils, step_name)
+    calls = {'n': 0}
+
+    def flaky(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 5 + 4:  # 5 iterations of exp 0, then the 4th of exp 1
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(utils, step_name, flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(module, mnist_dir, tmp_path / 'cut', *flags)
+    monkeypatch.setattr(utils, step_name, real_step)
+    stem = f'{method}_MNIST_ConvNet_1ipc'
+    assert (tmp_path / 'cut' / f'ckpt_{stem}.pt').exists()
+    run_main(module, mnist_dir, tmp_path / 'cut', *flags, '--resume')
+
+    full = utils.load_torch_file(tmp_path / 'full' / f'res_{stem}.pt', 'r')
+    cut = utils.load_torch_file(tmp_path / 'cut' / f'res_{stem}.pt', 'r')
+    for (img_f, lab_f), (img_c, lab_c) in zip(full['data'], cut['data']):
+        assert torch.equal(img_f, img_c) and torch.equal(lab_f, lab_c)
+    assert full['accs_all_exps'] == cut['accs_all_exps']
+    assert not (tmp_path / 'cut' / f'ckpt_{stem}.pt').exists()
+
+
+def test_load_syn_round_trip(mnist_dir, tmp_path):
+    run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '1', '--no_vis', '--num_exp', '2')
+    res_file = tmp_path / 'res_DC_MNIST_ConvNet_1ipc.pt'
+    # a published file holds exactly 'data' and 'accs_all_exps'
+    res = utils.load_torch_file(res_file, 'r')
+    published = tmp_path / 'published.pt'
+    torch.save({'data': res['data'], 'accs_all_exps': res['accs_all_exps']}, published)
+    summary = run_main(main, mnist_dir, tmp_path / 'eval', '--load_syn', str(published), '--eval_mode', 'S')
+    assert summary['ConvNet']['n'] == 2  # num_eval 1 on each of the two stored sets
+    assert (tmp_path / 'eval' / 'eval_published_S.json').exists()
+
+
+def run_cli(*args, cwd=ROOT):
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize('script,flags,message', [
+    ('main.py', ['--method', 'XYZ'], "unknown method 'XYZ'"),
+    ('main.py', ['--dataset', 'Imagenette'], "unknown dataset 'Imagenette'"),
+    ('main.py', ['--model', 'ResNet99'], "unknown model 'ResNet99'"),
+    ('main.py', ['--eval_mode', 'Q'], "unknown eval_mode 'Q'"),
+    ('main.py', ['--dis_metric', 'l1'], "unknown dis_metric 'l1'"),
+    ('main.py', ['--method', 'DSA', '--dsa_strategy', 'color_blur'], "blur"),
+    ('main.py', ['--ipc', '0'], '--ipc must be at least 1'),
+    ('main.py', ['--ipc', '7'], 'no loop settings for ipc 7'),
+    ('main.py', ['--Iteration', '-1'], '--Iteration must be >= 0'),
+    ('main.py', ['--load_syn', 'nope.pt'], "'nope.pt' does not exist"),
+    ('main_DM.py', ['--model', 'ResNet99'], "unknown model 'ResNet99'"),
+    ('main_DM.py', ['--class_chunk', '-2'], '--class_chunk must be >= 0'),
+])
+def test_bad_input_one_line_and_nonzero_exit(tmp_path, script, flags, message):
+    rc, out, err = run_cli(script, '--data_path', str(tmp_path / 'nodata'), '--save_path', str(tmp_path / 'res'),
+                           '--device', 'cpu', *flags)
+    assert rc == 2
+    assert message in err and 'Traceback' not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'res').exists() or not os.listdir(tmp_path / 'res')
+
+
+def test_missing_data_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, '_download_with_torchvision', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
+    with pytest.raises(SystemExit) as e:
+        utils.cli(lambda: main.main(['--dataset', 'CIFAR10', '--data_path', str(tmp_path), '--device', 'cpu']))
+    assert e.value.code == 2
+
+
+def test_load_syn_rejects_unreadable_and_wrong_structure(mnist_dir, tmp_path):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a torch file')
+    wrong = tmp_path / 'wrong.pt'
+    torch.save({'images': torch.zeros(2, 1, 28, 28)}, wrong)
+    for path, message in ((bad, 'bad.pt'), (wrong, 'published structure')):
+        rc, out, err = run_cli('main.py', '--dataset', 'MNIST', '--data_path', str(mnist_dir), '--device', 'cpu',
+                               '--save_path', str(tmp_path / 'res'), '--load_syn', str(path))
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_with_clear_error(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, 'dc_iteration', lambda *a, **k: torch.tensor(float('nan')))
+    with pytest.raises(utils.UserError, match='iteration 0.*lower --lr_img'):
+        run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '3', '--no_vis')
+
+
+FASHION = '/usr/share/datasets/fashion-mnist'
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason='real FashionMNIST (Debian dataset-fashion-mnist) not installed')
+def test_real_fashion_mnist_dc_beats_noise_init(tmp_path):
+    summary_path = tmp_path / 'res_DC_FashionMNIST_ConvNet_1ipc.json'
+    main.main(['--dataset', 'FashionMNIST', '--data_path', str(tmp_path / 'data'), '--save_path', str(tmp_path),
+               '--ipc', '1', '--Iteration', '20', '--eval_every', '20', '--batch_real', '64', '--num_exp', '1',
+               '--num_eval', '2', '--epoch_eval_train', '100', '--no_vis', '--device', 'cpu', '--quiet'])
+    history = json.loads(summary_path.read_text())['history']
+    acc = {h['iteration']: sum(h['accs']) / len(h['accs']) for h in history}
+    assert acc[20] > acc[0] + 0.15, acc
