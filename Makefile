@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) main.py --dataset FashionMNIST --model ConvNet --method DC --ipc 1 --Iteration 100 --eval_every 50 \
+	$(PY) main.py --dataset FashionMNIST --model ConvNet --method DC --ipc 1 --Iteration 50 --eval_every 50 \
 		--batch_real 64 --num_exp 1 --num_eval 3 --epoch_eval_train 300 --save_path result/demo
 
 test: $(VENV)/.installed

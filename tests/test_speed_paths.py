@@ -70,7 +70,7 @@ def test_batched_training_equals_one_by_one(data, model, method, dsa):
     swapped_nets, rands = nets_and_randoms(model, data, 2)
     utils.train_and_test_batched(swapped_nets, rands[::-1], *common)  # network 0 trained with network 1's draws
 
-    assert batch_accs == pytest.approx(loop_accs, abs=1e-12)
+    assert batch_accs == pytest.approx(loop_accs, abs=1.01 / len(data.labels_test))
     # Same training trajectories: the weights differ by a tiny fraction of how far training moved them (rounding
     # differences of the grouped convolutions, now and then a ReLU input within 1e-6 of zero that flips). Different
     # draws (swapped) or initialisations give differences of the order of the movement itself.
@@ -95,11 +95,13 @@ def test_evaluate_models_flag_does_not_change_accuracies(data, model, method, mo
     results = {}
     for flag in ('0', '1'):
         utils.set_seed(3)
-        results[flag] = utils.evaluate_models(images, labels, data, eval_args(method=method, eval_batched=flag), model, 5)
+        args = eval_args(method=method, eval_batched=flag)
+        results[flag] = utils.evaluate_models(images, labels, data, args, model, 5)
         after = torch.rand(1)  # both paths leave the global RNG in the same state
         results[flag + 'rng'] = after
     assert calls == [2, 2]
-    assert results['1'] == pytest.approx(results['0'], abs=1e-12)
+    # equal here; elsewhere a rounding difference may move one test image
+    assert results['1'] == pytest.approx(results['0'], abs=1.01 / len(data.labels_test))
     assert torch.equal(results['0rng'], results['1rng'])
 
 
@@ -166,7 +168,8 @@ def test_batched_class_gradients_equal_the_loop(data, metric, dsa):
 def test_batched_classes_fall_back_when_real_batches_differ(data, monkeypatch):
     # class 3 has only 3 training images, fewer than batch_real: real batches differ in size
     small = data.indices_class[3][:3]
-    uneven = utils.dataclasses.replace(data, indices_class=[small if c == 3 else i for c, i in enumerate(data.indices_class)])
+    indices = [small if c == 3 else idx for c, idx in enumerate(data.indices_class)]
+    uneven = utils.dataclasses.replace(data, indices_class=indices)
     monkeypatch.setattr(utils, 'class_gradients', lambda *a, **k: pytest.fail('vmap path with uneven batches'))
     net = get_network('MLP', data.channel, data.num_classes, data.im_size, device='cpu')
     results = []
@@ -183,8 +186,8 @@ def test_dc_iteration_flag_does_not_change_the_synthetic_set(data, monkeypatch):
     monkeypatch.setattr(utils, 'BATCHED_CLASS_PIXELS', 4 * (4 + 2) * 28 * 28)  # chunks of 4 classes: 4 + 4 + 2
     out = []
     for flag in ('0', '1'):
-        args = argparse.Namespace(method='DSA', model='ConvNet', dsa_strategy=DSA, dsa_param=ParamDiffAug(), lr_net=0.01,
-                                  batch_real=4, batch_train=8, dis_metric='ours', batched_classes=flag)
+        args = argparse.Namespace(method='DSA', model='ConvNet', dsa_strategy=DSA, dsa_param=ParamDiffAug(),
+                                  lr_net=0.01, batch_real=4, batch_train=8, dis_metric='ours', batched_classes=flag)
         utils.set_seed(0)
         image_syn, label_syn = utils.init_synthetic_set(data, 2, 'real', 'cpu')
         opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
@@ -201,7 +204,8 @@ def test_speed_flags_parse_with_defaults_off():
     args = parser.parse_args([])
     assert (args.eval_batched, args.batched_classes) == ('auto', 'auto')
     assert not (args.channels_last or args.bf16 or args.compile)
-    args = parser.parse_args(['--eval_batched', '0', '--batched_classes', '1', '--channels_last', '--bf16', '--compile'])
+    args = parser.parse_args(['--eval_batched', '0', '--batched_classes', '1', '--channels_last', '--bf16',
+                              '--compile'])
     assert (args.eval_batched, args.batched_classes, args.channels_last, args.bf16, args.compile) == ('0', '1', True,
                                                                                                       True, True)
 
@@ -266,3 +270,18 @@ def test_no_host_sync_inside_the_batch_loops(data, monkeypatch):
     count.clear()
     utils.train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test, 3, 0.01, 8, DSA)
     assert len(count) == 0
+
+
+def test_cpu_test_pass_runs_in_channels_last_and_leaves_the_network_as_it_was(data):
+    net = get_network('ConvNet', data.channel, data.num_classes, data.im_size, device='cpu')
+    before = [p.detach().clone() for p in net.parameters()]
+    layouts = []
+    net.features[4].register_forward_hook(lambda m, i, o: layouts.append(i[0].is_contiguous()))
+    acc = utils.test_accuracy(net, data.images_test, data.labels_test)
+    assert layouts == [False]  # default on the CPU: channels_last (not NCHW-contiguous) inside the pass
+    nchw = utils.test_accuracy(net, data.images_test, data.labels_test, channels_last=False)
+    assert abs(acc - nchw) <= 1.01 / len(data.labels_test)
+    assert layouts == [False, True]
+    for p, b in zip(net.parameters(), before):
+        assert p.is_contiguous() and not p.is_inference() and torch.equal(p, b)
+    torch.nn.functional.cross_entropy(net(data.images_test[:4]), data.labels_test[:4]).backward()  # still trainable
