@@ -58,18 +58,10 @@ def main(argv=None):
         return utils.evaluate_saved(args, data)
     if args.method in utils.BASELINE_METHODS:
         return run_baseline(args, data)
-    utils.check_ipc_fits(data, args.ipc)
     utils.log(args, f'{args.method} on {args.dataset} with {args.model}, ipc {args.ipc}: outer_loop {outer_loop}, '
                     f'inner_loop {inner_loop}, {args.Iteration} iterations, device {args.device}')
-    classes = list(range(data.num_classes))
-
-    def init(exp):
-        return utils.init_synthetic_set(data, args.ipc, args.init, args.device)
-
-    def step(it, image_syn, label_syn, optimizer_img):
-        return utils.dc_iteration(image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop)
-
-    return utils.run_experiments(args, data, init, step)
+    return utils.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dc_iteration(
+        image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop))
 
 
 def run_baseline(args, data):

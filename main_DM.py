@@ -31,18 +31,10 @@ def main(argv=None):
     data = utils.get_dataset(args.dataset, args.data_path).to(args.device)
     if args.load_syn:
         return utils.evaluate_saved(args, data)
-    utils.check_ipc_fits(data, args.ipc)
     utils.log(args, f'DM on {args.dataset} with {args.model}, ipc {args.ipc}, {args.Iteration} iterations, '
                     f'DSA {args.dsa_strategy}, device {args.device}')
-    classes = list(range(data.num_classes))
-
-    def init(exp):
-        return utils.init_synthetic_set(data, args.ipc, args.init, args.device)
-
-    def step(it, image_syn, label_syn, optimizer_img):
-        return utils.dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, args.class_chunk or None)
-
-    return utils.run_experiments(args, data, init, step)
+    return utils.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dm_iteration(
+        image_syn, label_syn, optimizer_img, data, args, classes, args.class_chunk or None))
 
 
 if __name__ == '__main__':

@@ -1456,6 +1456,21 @@ def peak_memory_mb(device='cpu'):
     return out
 
 
+def condense(args, data, iteration):
+    """Learn num_exp synthetic sets of all classes, initialised by --init, with
+    iteration(image_syn, label_syn, optimizer_img, classes) -> loss (one DC/DSA or DM step)."""
+    check_ipc_fits(data, args.ipc)
+    classes = list(range(data.num_classes))
+
+    def init(exp):
+        return init_synthetic_set(data, args.ipc, args.init, args.device)
+
+    def step(it, image_syn, label_syn, optimizer_img):
+        return iteration(image_syn, label_syn, optimizer_img, classes)
+
+    return run_experiments(args, data, init, step)
+
+
 def evaluate_saved(args, data):
     """--load_syn: evaluate every set stored in a res_*.pt on the eval pool, without learning."""
     sets = load_synthetic_sets(args.load_syn, data.channel, data.im_size, data.num_classes)
