@@ -581,30 +581,32 @@ def check_choice(value, choices, what):
     return value
 
 
-def distance_wb(gw_syn, gw_real):
-    """Layer-wise 'ours' distance: sum over output units of 1 - cos between rows of the two gradients.
-    1-D gradients (biases, norm weights) contribute nothing, as in the reference."""
-    if gw_real.dim() == 1:
-        return torch.zeros((), device=gw_real.device, dtype=gw_real.dtype)
-    g_syn = gw_syn.reshape(gw_syn.shape[0], -1)
-    g_real = gw_real.reshape(gw_real.shape[0], -1)
-    cos = (g_syn * g_real).sum(-1) / (g_syn.norm(dim=-1) * g_real.norm(dim=-1) + 1e-6)
-    return (1 - cos).sum()
-
-
 def match_loss(gw_syn, gw_real, metric='ours'):
-    """Distance between two lists of per-parameter gradients (SPEC §4)."""
+    """Distance between two lists of per-parameter gradients (SPEC §4): match_loss_classes of a single class."""
+    return match_loss_classes([g.unsqueeze(0) for g in gw_syn], [g.unsqueeze(0) for g in gw_real], metric)[0]
+
+
+def match_loss_classes(gw_syn, gw_real, metric='ours'):
+    """match_loss of K classes at once: gradients stacked along a leading class dimension; returns (K,) distances.
+
+    'ours': per layer, gradients as (out, rest) rows, summed 1 - cos between rows; 1-D parameters (biases, norm
+    weights) contribute nothing, as in the reference. 'mse' and 'cos' compare the concatenated gradient vectors."""
     check_choice(metric, METRICS, 'distance metric')
     if metric == 'ours':
-        dis = 0
+        dis = torch.zeros(gw_real[0].shape[0], device=gw_real[0].device, dtype=gw_real[0].dtype)
         for g_syn, g_real in zip(gw_syn, gw_real):
-            dis = dis + distance_wb(g_syn, g_real)
+            if g_real.dim() == 2:  # a 1-D parameter per class
+                continue
+            g_syn = g_syn.flatten(2)
+            g_real = g_real.flatten(2)
+            cos = (g_syn * g_real).sum(-1) / (g_syn.norm(dim=-1) * g_real.norm(dim=-1) + 1e-6)
+            dis = dis + (1 - cos).sum(-1)
         return dis
-    vec_syn = torch.cat([g.reshape(-1) for g in gw_syn])
-    vec_real = torch.cat([g.reshape(-1) for g in gw_real])
+    vec_syn = torch.cat([g.flatten(1) for g in gw_syn], dim=1)
+    vec_real = torch.cat([g.flatten(1) for g in gw_real], dim=1)
     if metric == 'mse':
-        return ((vec_syn - vec_real) ** 2).sum()
-    return 1 - (vec_syn * vec_real).sum() / (vec_syn.norm() * vec_real.norm() + 1e-6)
+        return ((vec_syn - vec_real) ** 2).sum(-1)
+    return 1 - (vec_syn * vec_real).sum(-1) / (vec_syn.norm(dim=-1) * vec_real.norm(dim=-1) + 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1074,26 +1076,6 @@ def class_gradient_loss(net, image_syn, data, classes, ipc, batch_real, metric, 
         img_real, img_syn = class_batches(data, image_syn, i, c, ipc, batch_real, dsa_strategy, dsa_param)
         loss = loss + class_pair_loss(net, params, img_real, img_syn, c, metric)
     return loss
-
-
-def match_loss_classes(gw_syn, gw_real, metric='ours'):
-    """match_loss of K classes at once: gradients stacked along a leading class dimension; returns (K,) distances."""
-    check_choice(metric, METRICS, 'distance metric')
-    if metric == 'ours':
-        dis = torch.zeros(gw_real[0].shape[0], device=gw_real[0].device, dtype=gw_real[0].dtype)
-        for g_syn, g_real in zip(gw_syn, gw_real):
-            if g_real.dim() == 2:  # a 1-D parameter per class: contributes nothing (distance_wb)
-                continue
-            g_syn = g_syn.flatten(2)
-            g_real = g_real.flatten(2)
-            cos = (g_syn * g_real).sum(-1) / (g_syn.norm(dim=-1) * g_real.norm(dim=-1) + 1e-6)
-            dis = dis + (1 - cos).sum(-1)
-        return dis
-    vec_syn = torch.cat([g.flatten(1) for g in gw_syn], dim=1)
-    vec_real = torch.cat([g.flatten(1) for g in gw_real], dim=1)
-    if metric == 'mse':
-        return ((vec_syn - vec_real) ** 2).sum(-1)
-    return 1 - (vec_syn * vec_real).sum(-1) / (vec_syn.norm(dim=-1) * vec_real.norm(dim=-1) + 1e-6)
 
 
 def class_gradients(net, images, labels, create_graph=False):
