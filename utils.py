@@ -1003,11 +1003,14 @@ def evaluate_models(images, labels, data, args, model_eval, num_eval, desc=''):
 # Synthetic sets
 # ---------------------------------------------------------------------------------------------
 
-def sample_class_images(data, c, n):
-    """n random training images of class c, drawn on the device without replacement."""
+def sample_class_indices(data, c, n):
+    """Training-set indices of n random images of class c, drawn on the device without replacement."""
     idx = data.indices_class[c]
-    perm = torch.randperm(idx.shape[0], device=idx.device)[:n]
-    return data.images_train[idx[perm]]
+    return idx[torch.randperm(idx.shape[0], device=idx.device)[:n]]
+
+
+def sample_class_images(data, c, n):
+    return data.images_train[sample_class_indices(data, c, n)]
 
 
 def synthetic_labels(num_classes, ipc, device):
@@ -1192,8 +1195,7 @@ def dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, class
     # every random choice is drawn up front, in class order, so chunking does not change them
     real_idx, seeds = [], []
     for c in classes:
-        idx = data.indices_class[c]
-        real_idx.append(idx[torch.randperm(idx.shape[0], device=idx.device)[:args.batch_real]])
+        real_idx.append(sample_class_indices(data, c, args.batch_real))
         seeds.append(draw_seed() if dsa else None)
     optimizer_img.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=image_syn.device)
@@ -1416,16 +1418,22 @@ def run_experiments(args, data, init_fn, step_fn=None):
 
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
-    summary = summarize(state['accs_all_exps'])
+    return report_results(args, state['accs_all_exps'], args.num_exp, os.path.join(args.save_path, f'res_{stem}.json'),
+                          t_start, history=state['history'], res_file=res_path)
+
+
+def report_results(args, accs_all_exps, num_exp, json_path, t_start, **extra):
+    """The end of every run: the final lines (SPEC §8 wording), peak memory, and the JSON summary. Returns the
+    summary dict."""
+    summary = summarize(accs_all_exps)
     print('\n==================== Final Results ====================\n')
-    for line in summary_lines(args.num_exp, args.model, summary):
+    for line in summary_lines(num_exp, args.model, summary):
         print(line)
     memory = peak_memory_mb(args.device)
     log(args, f'peak memory: host {memory["host_mb"]:.0f} MB' +
         (f', {args.device} {memory["device_mb"]:.0f} MB' if 'device_mb' in memory else ''))
-    write_json_atomic(os.path.join(args.save_path, f'res_{stem}.json'), {
-        'config': config_dict(args), 'results': summary, 'history': state['history'],
-        'wall_seconds': round(time.time() - t_start, 3), 'peak_memory': memory, 'res_file': res_path})
+    write_json_atomic(json_path, {'config': config_dict(args), 'results': summary, **extra,
+                                  'wall_seconds': round(time.time() - t_start, 3), 'peak_memory': memory})
     return summary
 
 
@@ -1465,14 +1473,9 @@ def evaluate_saved(args, data):
                              f'set {exp}')
         for m, a in accs.items():
             accs_all[m] += a
-    summary = summarize(accs_all)
-    print('\n==================== Final Results ====================\n')
-    for line in summary_lines(len(sets), args.model, summary):
-        print(line)
     name = os.path.splitext(os.path.basename(args.load_syn))[0]
     out = os.path.join(args.save_path, f'eval_{name}_{args.eval_mode}.json')
-    write_json_atomic(out, {'config': config_dict(args), 'results': summary, 'file': os.path.abspath(args.load_syn),
-                            'wall_seconds': round(time.time() - t_start, 3)})
+    summary = report_results(args, accs_all, len(sets), out, t_start, file=os.path.abspath(args.load_syn))
     log(args, f'summary written to {out}')
     return summary
 
@@ -1761,11 +1764,5 @@ def run_whole(args, data):
             accs_all_exps[m] += a
             history.append({'exp': exp, 'iteration': 0, 'model': m, 'accs': a})
         save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
-    summary = summarize(accs_all_exps)
-    print('\n==================== Final Results ====================\n')
-    for line in summary_lines(args.num_exp, args.model, summary):
-        print(line)
-    write_json_atomic(os.path.join(args.save_path, f'res_{stem}.json'), {
-        'config': config_dict(args), 'results': summary, 'history': history,
-        'wall_seconds': round(time.time() - t_start, 3), 'res_file': res_path})
-    return summary
+    return report_results(args, accs_all_exps, args.num_exp, os.path.join(args.save_path, f'res_{stem}.json'),
+                          t_start, history=history, res_file=res_path)
