@@ -764,48 +764,74 @@ def train_epoch(net, optimizer, images, labels, batch_size, dsa_strategy=None, d
             img = augment_batch(images[idx], dsa_strategy, dc_strategy, dsa_param)
         if channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
-        with autocast(img.device, bf16):
-            out = net(img)
-        loss = F.cross_entropy(out.float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_mean_loss(net, img, labels[idx], bf16)
         optimizer.step()
 
 
-def cpu_channels_last(net, images):
-    """Whether a forward-only pass of net on images should run in channels_last: on the CPU, for convolutional
-    networks, it is 1.05-2x faster (oneDNN kernels, vectorised pooling and norms; docs/PERFORMANCE.md)."""
-    return (images.device.type == 'cpu' and images.dim() == 4 and isinstance(net, nn.Module)
-            and any(isinstance(m, nn.Conv2d) for m in net.modules()))
+# On the CPU a convolutional network runs fastest on batches whose largest activation (the first layer's output)
+# stays in the caches: for ConvNet on 28x28 images, chunks of 16-20 images make forward+backward 1.7x and the
+# forward 2.4x faster than batches of 256 or 1024 (docs/PERFORMANCE.md). The bound is in floats of that activation.
+CPU_CHUNK_FLOATS = 2 * 1024 * 1024
 
 
-def test_accuracy(net, images, labels, batch_size=1024, bf16=False, channels_last=None):
-    """Accuracy over a whole tensor set; the count stays on the device until the end.
-
-    channels_last: feed the batches in channels_last memory format (the network should be in it too); None
-    (default): when cpu_channels_last says it is faster, with the network converted for this pass only (not with
-    bf16, whose CPU kernels are faster on contiguous tensors)."""
-    convert = channels_last is None and not bf16 and cpu_channels_last(net, images) and not in_channels_last(net)
-    if channels_last is None:
-        channels_last = convert
-    if convert:  # outside inference mode: the parameters must stay ordinary tensors
-        net.to(memory_format=torch.channels_last)
-    try:
-        return _count_correct(net, images, labels, batch_size, bf16, channels_last)
-    finally:
-        if convert:
-            net.to(memory_format=torch.contiguous_format)
+def cpu_chunk_size(net, images):
+    """How many images net should take per forward on the CPU, or None for the whole batch at once: on a GPU, for
+    networks without convolutions, and while a BatchNorm layer uses batch statistics (chunks would change them)."""
+    net = getattr(net, 'net', net)  # a SoftCompiled network
+    if images.device.type != 'cpu' or images.dim() != 4:
+        return None
+    modules = list(net.modules())
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    if not convs or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in modules):
+        return None
+    return max(1, CPU_CHUNK_FLOATS // (convs[0].out_channels * images.shape[-2] * images.shape[-1]))
 
 
-def in_channels_last(net):
-    # a weight with one input channel (or 1x1 kernels) is both contiguous and channels_last: look for one that is not
-    return any(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
-               for m in net.modules() if isinstance(m, nn.Conv2d))
+def forward_chunked(fn, net, images):
+    """fn(chunk) for cache-sized chunks of images (cpu_chunk_size of net), concatenated: fn(images) in one go on a
+    GPU. Differentiable: gradients flow back into each chunk."""
+    chunk = cpu_chunk_size(net, images)
+    if chunk is None or chunk >= images.shape[0]:
+        return fn(images)
+    return torch.cat([fn(images[s:s + chunk]) for s in range(0, images.shape[0], chunk)])
+
+
+def backward_mean_loss(net, images, labels, bf16=False):
+    """backward() of the mean cross-entropy of a batch, in cache-sized chunks on the CPU (cpu_chunk_size): each
+    chunk adds its share of the mean into .grad, so the gradients equal those of the whole batch up to float
+    rounding. Returns the logits, detached."""
+    n = images.shape[0]
+    chunk = cpu_chunk_size(net, images) or max(1, n)
+    outs = []
+    for s in range(0, n, chunk):
+        with autocast(images.device, bf16):
+            out = net(images[s:s + chunk])
+        (F.cross_entropy(out.float(), labels[s:s + chunk], reduction='sum') / n).backward()
+        outs.append(out.detach())
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def mean_loss_grads(net, params, images, labels, create_graph=False):
+    """torch.autograd.grad of the mean cross-entropy of a batch w.r.t. params, summed over cache-sized chunks on the
+    CPU (cpu_chunk_size). create_graph=True keeps the result differentiable w.r.t. the images."""
+    n = images.shape[0]
+    chunk = cpu_chunk_size(net, images) or max(1, n)
+    total = None
+    for s in range(0, n, chunk):
+        loss = F.cross_entropy(net(images[s:s + chunk]), labels[s:s + chunk], reduction='sum') / n
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        total = grads if total is None else [a + b for a, b in zip(total, grads)]
+    return list(total)
 
 
 @torch.inference_mode()
-def _count_correct(net, images, labels, batch_size, bf16, channels_last):
+def test_accuracy(net, images, labels, batch_size=1024, bf16=False, channels_last=False):
+    """Accuracy over a whole tensor set, in batches of batch_size (on the CPU, cache-sized chunks: cpu_chunk_size);
+    the count stays on the device until the end. channels_last: feed the batches in channels_last memory format
+    (the network should be in it too); bf16: forward under bfloat16 autocast."""
     net.eval()
+    batch_size = min(batch_size, cpu_chunk_size(net, images) or batch_size)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     for start in range(0, images.shape[0], batch_size):
         img = images[start:start + batch_size]
@@ -875,7 +901,7 @@ def train_and_test(net, images_train, labels_train, images_test, labels_test, ep
         if ep == decay_epoch:
             lr *= 0.1
             optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    return test_accuracy(model, images_test, labels_test, bf16=bf16, channels_last=channels_last or None)
+    return test_accuracy(model, images_test, labels_test, bf16=bf16, channels_last=channels_last)
 
 
 # Networks x images a batched test forward takes at once (the one-by-one test pass takes 1024 images).
@@ -1065,9 +1091,8 @@ def class_pair_loss(net, params, img_real, img_syn, c, metric):
     """Distance between the gradients of the real and of the synthetic batch of class c (the latter differentiable)."""
     lab_real = torch.full((img_real.shape[0],), c, device=img_real.device, dtype=torch.long)
     lab_syn = torch.full((img_syn.shape[0],), c, device=img_syn.device, dtype=torch.long)
-    gw_real = torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)
-    gw_real = [g.detach() for g in gw_real]
-    gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab_syn), params, create_graph=True)
+    gw_real = [g.detach() for g in mean_loss_grads(net, params, img_real, lab_real)]
+    gw_syn = mean_loss_grads(net, params, img_syn, lab_syn, create_graph=True)
     return match_loss(gw_syn, gw_real, metric)
 
 
@@ -1186,8 +1211,6 @@ def dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, class
     ipc = image_syn.shape[0] // len(classes)
     dsa = args.dsa_strategy if method_uses_dsa(args.method, args.dsa_strategy) else None
     net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
-    if cpu_channels_last(net, image_syn):  # about 1.15x faster embeddings on the CPU (docs/PERFORMANCE.md)
-        net = net.to(memory_format=torch.channels_last)
     net.train()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -1211,8 +1234,8 @@ def dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, class
             reals.append(img_real)
             syns.append(img_syn)
         with torch.no_grad():
-            mean_real = class_means(net.embed(torch.cat(reals)), [r.shape[0] for r in reals])
-        mean_syn = class_means(net.embed(torch.cat(syns)), [s.shape[0] for s in syns])
+            mean_real = class_means(forward_chunked(net.embed, net, torch.cat(reals)), [r.shape[0] for r in reals])
+        mean_syn = class_means(forward_chunked(net.embed, net, torch.cat(syns)), [s.shape[0] for s in syns])
         loss = ((mean_real - mean_syn) ** 2).sum()
         loss.backward()
         loss_sum += loss.detach()
@@ -1665,12 +1688,10 @@ def train_full_set(net, data, epochs, lr, batch_size=BASELINE_BATCH, desc='train
         order = torch.randperm(n, device=labels.device)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            out = net(images[idx])
-            loss = F.cross_entropy(out, labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            out = backward_mean_loss(net, images[idx], labels[idx])
             optimizer.step()
-            correct[ep, idx] = out.detach().argmax(1) == labels[idx]
+            correct[ep, idx] = out.argmax(1) == labels[idx]
     return correct
 
 
@@ -1712,7 +1733,7 @@ def feature_net(data, args, seed):
 @torch.inference_mode()
 def embed_images(net, images, indices, batch_size=1024):
     """net.embed of images[indices], in batches, on the images' device."""
-    return torch.cat([net.embed(images[indices[start:start + batch_size]])
+    return torch.cat([forward_chunked(net.embed, net, images[indices[start:start + batch_size]])
                       for start in range(0, indices.shape[0], batch_size)])
 
 

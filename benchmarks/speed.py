@@ -21,18 +21,22 @@ on CUDA torch.cuda.max_memory_allocated above the phase's start; on the CPU the 
 resident size seen by a 5 ms sampler (psutil when installed, else /proc/self/status). Prints a table and writes JSON.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import main as main_dc  # noqa: E402
+import networks  # noqa: E402
 import utils  # noqa: E402
 from augment import ParamDiffAug  # noqa: E402
 from networks import get_network  # noqa: E402
@@ -240,20 +244,35 @@ def train_network(data, device, images, labels, epochs, **flags):
     utils.train_and_test(net, images, labels, *empty, epochs, 0.01, 256, DSA, None, ParamDiffAug(), rand=rand, **flags)
 
 
-def calibrate(device, repeats=3):
-    """Seconds of one ConvNet forward+backward on 256 FashionMNIST-sized images: the issue's reference machine takes
-    about 0.65 s, so (this / 0.65) scales its CPU timings to this machine."""
+@contextlib.contextmanager
+def stock_ops():
+    """How the code ran before the CPU fast paths: PyTorch's avg_pool2d kernel and whole batches (no cache-sized
+    chunks). Used for the [stock] rows and for the calibration."""
+    saved = utils.CPU_CHUNK_FLOATS, networks.avg_pool_2x2
+    utils.CPU_CHUNK_FLOATS = 2**62
+    networks.avg_pool_2x2 = lambda x: torch.nn.functional.avg_pool2d(x, kernel_size=2, stride=2)
+    try:
+        yield
+    finally:
+        utils.CPU_CHUNK_FLOATS, networks.avg_pool_2x2 = saved
+
+
+def calibrate(device, repeats=5):
+    """Seconds of one ConvNet forward+backward on 256 FashionMNIST-sized images with stock PyTorch ops (the
+    operation the issue times: about 0.65 s on its reference machine), so (this / 0.65) scales the reference's CPU
+    timings to this machine. Median of the runs, like the phases and the reference's timings."""
     torch.manual_seed(0)
     net = get_network('ConvNet', 1, 10, (28, 28), device=device)
     x = torch.randn(256, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (256,), device=device)
     times = []
-    for _ in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    with stock_ops():
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            sync(device)
+            times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
@@ -291,6 +310,11 @@ def run_phases(a):
         rows.append(measure(f'dsa_ipc1 [{tag}]', lambda s: utils.dc_iteration(*s, data, args_dsa, classes, 1, 1),
                             device, heavy, setup=lambda: synthetic_set(data, 1, device, 0.1),
                             note='one DSA iteration: outer 1, inner 1'))
+        if tag == 'loop':
+            with stock_ops():
+                rows.append(measure('dsa_ipc1 [stock]', lambda s: utils.dc_iteration(*s, data, args_dsa, classes, 1, 1),
+                                    device, heavy, setup=lambda: synthetic_set(data, 1, device, 0.1),
+                                    note='the same, PyTorch avg_pool2d and whole batches (no CPU fast paths)'))
         if tag == 'batched' and a.quick:
             continue
         rows.append(measure(f'dc_ipc10_outer_step [{tag}]', lambda s: dc_outer_step(data, args, *s, 50), device,
@@ -304,25 +328,41 @@ def run_phases(a):
         rows.append(measure(f'dm_ipc{ipc}', lambda s: utils.dm_iteration(*s, data, dm_args, classes), device,
                             a.repeats, setup=lambda ipc=ipc: synthetic_set(data, ipc, device, 1.0),
                             note='one DM iteration, all classes in one forward'))
+    with stock_ops():
+        rows.append(measure('dm_ipc1 [stock]', lambda s: utils.dm_iteration(*s, data, dm_args, classes), device,
+                            a.repeats, setup=lambda: synthetic_set(data, 1, device, 1.0),
+                            note='the same, PyTorch avg_pool2d and whole batches'))
 
     images, labels = ten_images(data)
     epochs = 30 if a.quick else 300
-    flag_sets = [('', {}), (' --channels_last', {'channels_last': True}), (' --bf16', {'bf16': True})]
-    for name, flags in flag_sets:
-        rows.append(measure(f'train_10img{name}',
-                            lambda _: train_network(data, device, images, labels, epochs, **flags), device,
-                            a.repeats, per=('epoch', epochs + 1),
-                            note=f'{epochs + 1} epochs, DSA augmentation, one ConvNet'))
+    flag_sets = [('', {}, False), (' [stock]', {}, True), (' --channels_last', {'channels_last': True}, False),
+                 (' --bf16', {'bf16': True}, False)]
+    for name, flags, stock in flag_sets:
+        with stock_ops() if stock else contextlib.nullcontext():
+            rows.append(measure(f'train_10img{name}',
+                                lambda _: train_network(data, device, images, labels, epochs, **flags), device,
+                                a.repeats, per=('epoch', epochs + 1),
+                                note=f'{epochs + 1} epochs, DSA augmentation, one ConvNet'))
 
     net = get_network('ConvNet', data.channel, data.num_classes, data.im_size, device=device)
-    # default: channels_last on the CPU (utils.cpu_channels_last); [NCHW]: without it
-    for name, flags in [('', {}), (' [NCHW]', {'channels_last': False}), (' --bf16', {'bf16': True})]:
-        rows.append(measure(f'test_pass{name}', lambda _: utils.test_accuracy(net, data.images_test, data.labels_test,
-                                                                            **flags),
-                            device, a.repeats, note=f'{len(data.labels_test)} test images'))
+    # [stock]: batches of 1024 through PyTorch's avg_pool2d
+    for name, flags, stock in [('', {}, False), (' [stock]', {}, True), (' --channels_last', {'channels_last': True},
+                                                                         False), (' --bf16', {'bf16': True}, False)]:
+        if flags.get('channels_last'):
+            net = net.to(memory_format=torch.channels_last)
+        with stock_ops() if stock else contextlib.nullcontext():
+            rows.append(measure(f'test_pass{name}', lambda _: utils.test_accuracy(net, data.images_test,
+                                                                                data.labels_test, **flags),
+                                device, a.repeats, note=f'{len(data.labels_test)} test images'))
+        net = net.to(memory_format=torch.contiguous_format)
 
     if not a.skip_compile:
         rows += compile_rows(data, device, images, labels, epochs)
+    if a.e2e:
+        if real:
+            rows += end_to_end_rows(a, a.e2e == 'both')
+        else:
+            print('end to end: skipped, it needs the real FashionMNIST', flush=True)
 
     eval_epochs = 10 if a.quick else 300
     eval_data = dataclasses.replace(data, images_test=data.images_test[:1000], labels_test=data.labels_test[:1000]) \
@@ -335,6 +375,27 @@ def run_phases(a):
                             heavy, setup=lambda: utils.set_seed(0), per=('network', 20),
                             note=f'{eval_epochs + 1} epochs + test pass on {len(eval_data.labels_test)} images each'))
     return rows, real, calibration
+
+
+E2E_ARGV = ['--dataset', 'FashionMNIST', '--method', 'DSA', '--init', 'real', '--ipc', '1', '--Iteration', '20',
+            '--num_exp', '1', '--num_eval', '5']
+
+
+def end_to_end_rows(a, stock):
+    """The issue's end-to-end command (E2E_ARGV), run in this process on the real FashionMNIST: wall time and the
+    final accuracy; with stock=True also with stock_ops, for the equal-accuracy comparison."""
+    rows = []
+    for tag in ('', ' [stock]') if stock else ('',):
+        with tempfile.TemporaryDirectory() as out, stock_ops() if tag else contextlib.nullcontext():
+            argv = E2E_ARGV + ['--data_path', a.data_path, '--save_path', out, '--device', a.device, '--quiet',
+                               '--no_vis']
+            row = measure(f'end_to_end{tag}', lambda _: main_dc.main(argv), a.device, 1,
+                          note='main.py ' + ' '.join(E2E_ARGV))
+            with open(os.path.join(out, 'res_DSA_FashionMNIST_ConvNet_1ipc.json')) as f:
+                row['results'] = json.load(f)['results']
+            print(f"    accuracy {row['results']}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def compile_rows(data, device, images, labels, epochs):
@@ -383,16 +444,30 @@ def summary(rows, machine_factor):
         out['batched_speedup eval_20nets'] = round(one['median_s'] / together['median_s'], 2)
     # main.py --dataset FashionMNIST --method DSA --init real --ipc 1 --Iteration 20 --num_exp 1 --num_eval 5:
     # 20 DSA iterations + evaluations at iterations 0 and 20, each 5 networks x (1001 epochs + a test pass)
+    reference_e2e = 20 * REFERENCE_CPU_S['dsa_ipc1'] + 2 * 5 * (1001 * REFERENCE_CPU_S['train_10img_epoch'] +
+                                                               REFERENCE_CPU_S['test_pass'])
     if all(k in by for k in ('dsa_ipc1 [loop]', 'train_10img', 'test_pass')):
+        out['e2e_estimate_s reference cpu'] = round(reference_e2e, 1)
+        for tag, dsa, train, test in (('one-by-one paths', 'dsa_ipc1 [loop]', 'train_10img', 'test_pass'),
+                                      ('stock ops', 'dsa_ipc1 [stock]', 'train_10img [stock]', 'test_pass [stock]')):
+            if all(k in by for k in (dsa, train, test)):
+                estimate = 20 * by[dsa]['median_s'] + 2 * 5 * (1001 * by[train]['per']['median_s'] +
+                                                               by[test]['median_s'])
+                out[f'e2e_estimate_s {tag}'] = round(estimate, 1)
+                out[f'e2e_estimate_speedup_vs_reference_cpu_calibrated {tag}'] = round(
+                    reference_e2e * machine_factor / estimate, 2)
         evaluation = 2 * 5 * (1001 * by['train_10img']['per']['median_s'] + by['test_pass']['median_s'])
-        out['e2e_estimate_s one-by-one paths'] = round(20 * by['dsa_ipc1 [loop]']['median_s'] + evaluation, 1)
-        out['e2e_estimate_s reference cpu'] = round(
-            20 * REFERENCE_CPU_S['dsa_ipc1'] + 2 * 5 * (1001 * REFERENCE_CPU_S['train_10img_epoch'] +
-                                                      REFERENCE_CPU_S['test_pass']), 1)
         if 'dsa_ipc1 [batched]' in by and one and together:
             # the evaluation part sped up by the measured eval_20nets ratio (approximate: 5, not 20, networks)
             out['e2e_estimate_s batched paths (approx.)'] = round(
                 20 * by['dsa_ipc1 [batched]']['median_s'] + evaluation * together['median_s'] / one['median_s'], 1)
+    for tag in ('', ' [stock]'):
+        if f'end_to_end{tag}' in by:
+            wall = by[f'end_to_end{tag}']['median_s']
+            out[f'e2e_measured_s{tag}'] = round(wall, 1)
+            out[f'e2e_measured_speedup_vs_reference_cpu{tag}'] = round(reference_e2e / wall, 2)
+            out[f'e2e_measured_speedup_vs_reference_cpu_calibrated{tag}'] = round(reference_e2e * machine_factor / wall,
+                                                                                  2)
     return out
 
 
@@ -403,6 +478,9 @@ def main():
     p.add_argument('--quick', action='store_true', help='short evaluation phases, fewer rows: a few minutes on CPU')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--skip_compile', action='store_true', help='leave out the --compile rows')
+    p.add_argument('--e2e', choices=('ours', 'both'), default=None,
+                   help='also time the issue\'s end-to-end main.py command (about 6 minutes on 2 CPU cores); both: '
+                        'also with stock PyTorch ops, to compare accuracy and time')
     p.add_argument('--data_path', default='data', help='FashionMNIST folder (the Debian copy is found automatically)')
     p.add_argument('--out', default=None, help='JSON path (default benchmarks/out/speed_<device>[_quick].json)')
     a = p.parse_args()

@@ -269,7 +269,7 @@ def test_resnet_blocks_without_shape_change_have_empty_shortcut():
 def test_convnet_layer_types():
     def layer_types(name):
         return [type(m) for m in meta_network(name, *CIFAR10).features]
-    conv, gn, relu, avg = nn.Conv2d, nn.GroupNorm, nn.ReLU, nn.AvgPool2d
+    conv, gn, relu, avg = nn.Conv2d, nn.GroupNorm, nn.ReLU, networks.AvgPool2x2
     assert layer_types('ConvNet') == [conv, gn, relu, avg] * 3
     assert layer_types('ConvNetNN') == [conv, relu, avg] * 3
     assert layer_types('ConvNetNP') == [conv, gn, relu] * 3
@@ -304,7 +304,7 @@ def test_resnet_norms_and_ap_downsampling():
     ap = meta_network('ResNet18BN_AP', *CIFAR10)
     assert isinstance(ap.layer2[0].bn1, nn.BatchNorm2d)
     assert all(m.stride == (1, 1) for m in ap.modules() if isinstance(m, nn.Conv2d))
-    assert [type(m) for m in ap.layer3[0].shortcut] == [nn.Conv2d, nn.AvgPool2d, nn.BatchNorm2d]
+    assert [type(m) for m in ap.layer3[0].shortcut] == [nn.Conv2d, networks.AvgPool2x2, nn.BatchNorm2d]
     assert ap.classifier.in_features == 512 * 4 * 4
     assert meta_network('ResNet18BN_AP', *MNIST).classifier.in_features == 512 * 3 * 3
 
@@ -315,3 +315,31 @@ def test_vgg_first_conv_padding_and_norm():
     assert isinstance(vgg.features[1], nn.GroupNorm) and vgg.features[1].num_groups == 64
     assert meta_network('VGG11', *CIFAR10).features[0].padding == (1, 1)
     assert isinstance(meta_network('VGG11BN', *CIFAR10).features[1], nn.BatchNorm2d)
+
+
+def test_fast_avg_pool_equals_avg_pool2d():
+    pool = networks.AvgPool2x2()
+    assert isinstance(pool, nn.AvgPool2d) and pool.state_dict() == {}
+    x = torch.randn(3, 5, 8, 6, requires_grad=True)
+    g = torch.randn(3, 5, 4, 3)
+    ours, = torch.autograd.grad(pool(x), x, g)
+    ref, = torch.autograd.grad(nn.functional.avg_pool2d(x, 2, 2), x, g)
+    assert torch.allclose(pool(x), nn.functional.avg_pool2d(x, 2, 2), atol=1e-6)
+    assert torch.equal(ours, ref)  # the backward spreads g / 4 over each window, as the kernel does
+    # first and second derivatives (double backward is what DC/DSA matching needs)
+    x64 = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(networks._AvgPool2x2.apply, (x64,))
+    assert torch.autograd.gradgradcheck(networks._AvgPool2x2.apply, (x64,))
+    # torch.func transforms (batched evaluation and batched class gradients run the network under vmap)
+    xs = torch.randn(4, 3, 5, 8, 6)
+    assert torch.allclose(torch.func.vmap(pool)(xs), nn.functional.avg_pool2d(xs.flatten(0, 1), 2, 2).view(4, 3, 5, 4, 3),
+                          atol=1e-6)
+    sq = lambda f: (lambda t: f(t).pow(2).sum())
+    assert torch.allclose(torch.func.vmap(torch.func.grad(sq(pool)))(xs),
+                          torch.func.vmap(torch.func.grad(sq(lambda t: nn.functional.avg_pool2d(t, 2, 2))))(xs),
+                          atol=1e-6)
+    # odd sides (floor mode drops the last row/column) and channels_last inputs take PyTorch's kernel
+    odd = torch.randn(2, 3, 7, 5)
+    assert torch.equal(pool(odd), nn.functional.avg_pool2d(odd, 2, 2))
+    cl = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pool(cl), nn.functional.avg_pool2d(cl, 2, 2))
