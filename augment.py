@@ -360,11 +360,10 @@ def augment_dc(images, strategy, param=None, generator=None):
     x = images.detach()
     fill = x.mean(dim=(0, 2, 3), keepdim=True)
     choice = AugRandom(x.shape[0], x.device, generator=generator).randint(0, len(ops))
-    out = x.clone()
-    for k, op in enumerate(ops):  # a loop over ops, each applied to all the images that drew it
-        idx = (choice == k).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            continue
-        rng = AugRandom(idx.numel(), x.device, x.dtype, generator=generator)
-        out[idx] = DC_OPS[op](x[idx], fill, rng, param)
+    out = x
+    for k, op in enumerate(ops):
+        # every op runs on the whole batch and each image keeps the result of the op it drew: selecting the images
+        # of an op first (nonzero) would wait for the GPU on every call; the ops are cheap next to the network
+        rng = AugRandom(x.shape[0], x.device, x.dtype, generator=generator)
+        out = torch.where(_per_image(choice == k), DC_OPS[op](x, fill, rng, param), out)
     return out

@@ -327,6 +327,17 @@ def test_dc_shape_no_nan_no_grad():
     assert torch.isfinite(out).all() and not out.requires_grad
 
 
+def test_dc_makes_no_host_sync(monkeypatch):
+    # on a GPU, nonzero()/item() would wait for the device on every training batch
+    def forbidden(*args, **kwargs):
+        raise AssertionError('host sync in augment_dc')
+    x = images(12)
+    for name in ('nonzero', 'item', 'tolist', 'cpu'):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = augment_dc(x, 'crop_scale_rotate_noise', generator=gen(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+
+
 def test_dc_noise_is_tiny():
     x = images(8)
     out = augment_dc(x, 'noise', generator=gen(0))
