@@ -65,7 +65,7 @@ class _AvgPool2x2(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        """Nothing to save: the backward needs only the incoming gradient (required for torch.func support)."""
 
     @staticmethod
     def backward(ctx, grad):

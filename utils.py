@@ -778,7 +778,6 @@ CPU_CHUNK_FLOATS = 2 * 1024 * 1024
 def cpu_chunk_size(net, images):
     """How many images net should take per forward on the CPU, or None for the whole batch at once: on a GPU, for
     networks without convolutions, and while a BatchNorm layer uses batch statistics (chunks would change them)."""
-    net = getattr(net, 'net', net)  # a SoftCompiled network
     if images.device.type != 'cpu' or images.dim() != 4:
         return None
     modules = list(net.modules())
@@ -788,38 +787,46 @@ def cpu_chunk_size(net, images):
     return max(1, CPU_CHUNK_FLOATS // (convs[0].out_channels * images.shape[-2] * images.shape[-1]))
 
 
-def forward_chunked(fn, net, images):
-    """fn(chunk) for cache-sized chunks of images (cpu_chunk_size of net), concatenated: fn(images) in one go on a
-    GPU. Differentiable: gradients flow back into each chunk."""
-    chunk = cpu_chunk_size(net, images)
-    if chunk is None or chunk >= images.shape[0]:
-        return fn(images)
-    return torch.cat([fn(images[s:s + chunk]) for s in range(0, images.shape[0], chunk)])
+def batch_chunks(net, images):
+    """Slices that cut a batch into the chunks net should take (cpu_chunk_size), or one slice for all of it."""
+    n = images.shape[0]
+    chunk = cpu_chunk_size(net, images) or max(1, n)
+    return [slice(s, s + chunk) for s in range(0, n, chunk)]
+
+
+def embed_chunked(net, images):
+    """net.embed(images), computed chunk by chunk (batch_chunks) and concatenated; gradients flow into each chunk."""
+    parts = [net.embed(images[part]) for part in batch_chunks(net, images)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def chunk_losses(net, images, labels, bf16=False):
+    """(loss, logits) per chunk of the batch (batch_chunks), where loss is the chunk's share of the batch's mean
+    cross-entropy: the chunk losses sum to that mean, so their gradients sum to its gradient up to float rounding."""
+    n = images.shape[0]
+    for part in batch_chunks(net, images):
+        with autocast(images.device, bf16):
+            out = net(images[part])
+        if bf16:
+            out = out.float()  # the loss in full precision
+        yield F.cross_entropy(out, labels[part], reduction='sum') / n, out
 
 
 def backward_mean_loss(net, images, labels, bf16=False):
-    """backward() of the mean cross-entropy of a batch, in cache-sized chunks on the CPU (cpu_chunk_size): each
-    chunk adds its share of the mean into .grad, so the gradients equal those of the whole batch up to float
-    rounding. Returns the logits, detached."""
-    n = images.shape[0]
-    chunk = cpu_chunk_size(net, images) or max(1, n)
+    """backward() of the mean cross-entropy of a batch, chunk by chunk into .grad (chunk_losses). Returns the logits,
+    detached."""
     outs = []
-    for s in range(0, n, chunk):
-        with autocast(images.device, bf16):
-            out = net(images[s:s + chunk])
-        (F.cross_entropy(out.float(), labels[s:s + chunk], reduction='sum') / n).backward()
+    for loss, out in chunk_losses(net, images, labels, bf16):
+        loss.backward()
         outs.append(out.detach())
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def mean_loss_grads(net, params, images, labels, create_graph=False):
-    """torch.autograd.grad of the mean cross-entropy of a batch w.r.t. params, summed over cache-sized chunks on the
-    CPU (cpu_chunk_size). create_graph=True keeps the result differentiable w.r.t. the images."""
-    n = images.shape[0]
-    chunk = cpu_chunk_size(net, images) or max(1, n)
+    """torch.autograd.grad of the mean cross-entropy of a batch w.r.t. params, summed over its chunks (chunk_losses).
+    create_graph=True keeps the result differentiable w.r.t. the images."""
     total = None
-    for s in range(0, n, chunk):
-        loss = F.cross_entropy(net(images[s:s + chunk]), labels[s:s + chunk], reduction='sum') / n
+    for loss, _ in chunk_losses(net, images, labels):
         grads = torch.autograd.grad(loss, params, create_graph=create_graph)
         total = grads if total is None else [a + b for a, b in zip(total, grads)]
     return list(total)
@@ -876,6 +883,9 @@ class SoftCompiled:
     def train(self, mode=True):
         self.net.train(mode)
         return self
+
+    def modules(self):
+        return self.net.modules()
 
     def eval(self):
         return self.train(False)
@@ -1157,30 +1167,41 @@ def class_gradient_loss_batched(net, image_syn, data, classes, ipc, batch_real, 
     return loss
 
 
+def matching_step(net, image_syn, optimizer_img, data, args, classes, dsa):
+    """One update of the synthetic set: BatchNorm frozen from real images, the gradient-matching loss over classes
+    (all classes in one vmapped computation with --batched_classes, auto: on a GPU; BatchNorm models class by class),
+    one optimizer step. Returns the loss, detached."""
+    ipc = image_syn.shape[0] // len(classes)
+    batched = flag_on(getattr(args, 'batched_classes', 'auto'), image_syn.device) and not has_batchnorm(net)
+    gradient_loss = class_gradient_loss_batched if batched else class_gradient_loss
+    freeze_bn_from_real(net, data, classes)
+    loss = gradient_loss(net, image_syn, data, classes, ipc, args.batch_real, args.dis_metric, dsa, args.dsa_param)
+    optimizer_img.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer_img.step()
+    return loss.detach()
+
+
+def train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, epochs):
+    """The network follows the synthetic set: epochs of training on a frozen copy of it (no DC augmentation while
+    learning, DSA if the method uses it)."""
+    syn_train = image_syn.detach().clone()
+    for _ in range(epochs):
+        train_epoch(net, optimizer_net, syn_train, label_syn, args.batch_train, dsa, None, args.dsa_param)
+
+
 def dc_iteration(image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop):
     """One outer iteration of gradient matching on a freshly initialised network; returns the mean loss (tensor)."""
-    ipc = image_syn.shape[0] // len(classes)
     dsa = args.dsa_strategy if method_uses_dsa(args.method, args.dsa_strategy) else None
     net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
     net.train()
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
-    # all classes in one vmapped gradient computation (--batched_classes; auto: on a GPU), BatchNorm models per class
-    batched = flag_on(getattr(args, 'batched_classes', 'auto'), image_syn.device) and not has_batchnorm(net)
-    gradient_loss = class_gradient_loss_batched if batched else class_gradient_loss
     loss_sum = torch.zeros((), device=image_syn.device)
     for ol in range(outer_loop):
-        freeze_bn_from_real(net, data, classes)
-        loss = gradient_loss(net, image_syn, data, classes, ipc, args.batch_real, args.dis_metric, dsa, args.dsa_param)
-        optimizer_img.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_img.step()
-        loss_sum += loss.detach()
+        loss_sum += matching_step(net, image_syn, optimizer_img, data, args, classes, dsa)
         if ol == outer_loop - 1:
             break
-        # the network follows the synthetic set (no DC augmentation while learning, DSA if the method uses it)
-        syn_train = image_syn.detach().clone()
-        for _ in range(inner_loop):
-            train_epoch(net, optimizer_net, syn_train, label_syn, args.batch_train, dsa, None, args.dsa_param)
+        train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, inner_loop)
     return loss_sum / (len(classes) * outer_loop)
 
 
@@ -1234,8 +1255,8 @@ def dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, class
             reals.append(img_real)
             syns.append(img_syn)
         with torch.no_grad():
-            mean_real = class_means(forward_chunked(net.embed, net, torch.cat(reals)), [r.shape[0] for r in reals])
-        mean_syn = class_means(forward_chunked(net.embed, net, torch.cat(syns)), [s.shape[0] for s in syns])
+            mean_real = class_means(embed_chunked(net, torch.cat(reals)), [r.shape[0] for r in reals])
+        mean_syn = class_means(embed_chunked(net, torch.cat(syns)), [s.shape[0] for s in syns])
         loss = ((mean_real - mean_syn) ** 2).sum()
         loss.backward()
         loss_sum += loss.detach()
@@ -1733,7 +1754,7 @@ def feature_net(data, args, seed):
 @torch.inference_mode()
 def embed_images(net, images, indices, batch_size=1024):
     """net.embed of images[indices], in batches, on the images' device."""
-    return torch.cat([forward_chunked(net.embed, net, images[indices[start:start + batch_size]])
+    return torch.cat([embed_chunked(net, images[indices[start:start + batch_size]])
                       for start in range(0, indices.shape[0], batch_size)])
 
 

@@ -207,22 +207,14 @@ def synthetic_set(data, ipc, device, lr):
 
 def dc_outer_step(data, args, image_syn, label_syn, optimizer_img, inner_loop):
     """One outer step of gradient matching on a fresh network (the loss over all classes and one update of the
-    synthetic set) followed by its inner_loop epochs of network training: the body of utils.dc_iteration."""
+    synthetic set) followed by its inner_loop epochs of network training, as in utils.dc_iteration."""
     classes = list(range(data.num_classes))
-    ipc = image_syn.shape[0] // len(classes)
     dsa = args.dsa_strategy if utils.method_uses_dsa(args.method, args.dsa_strategy) else None
     net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
     net.train()
-    batched = utils.flag_on(args.batched_classes, image_syn.device)
-    loss_fn = utils.class_gradient_loss_batched if batched else utils.class_gradient_loss
-    loss = loss_fn(net, image_syn, data, classes, ipc, args.batch_real, args.dis_metric, dsa, args.dsa_param)
-    optimizer_img.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer_img.step()
+    utils.matching_step(net, image_syn, optimizer_img, data, args, classes, dsa)
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
-    syn = image_syn.detach().clone()
-    for _ in range(inner_loop):
-        utils.train_epoch(net, optimizer_net, syn, label_syn, args.batch_train, dsa, None, args.dsa_param)
+    utils.train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, inner_loop)
 
 
 def ten_images(data):

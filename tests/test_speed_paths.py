@@ -301,7 +301,7 @@ def test_cpu_chunks_give_the_results_of_whole_batches(data, monkeypatch):
         net.zero_grad()
         logits = utils.backward_mean_loss(net, images, labels)
         results[name] = ([g.detach() for g in grads], syn.grad, [p.grad.clone() for p in params], logits,
-                         utils.forward_chunked(net.embed, net, images), utils.test_accuracy(net, images, labels))
+                         utils.embed_chunked(net, images), utils.test_accuracy(net, images, labels))
     calls = []
     net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     utils.test_accuracy(net, images, labels)
