@@ -21,9 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from augment import parse_strategy
+import base
+import coreset
+import results
+import training
 import utils
+from data import DATASETS, check_ipc_fits, class_indices, load_dataset
 from networks import MODEL_NAMES, get_network
-from utils import UserError, cli
+from base import UserError
+from experiment import cli
 
 METHODS = ('random', 'herding', 'DSA', 'DM')
 BUILT_METHODS = ('herding', 'DSA', 'DM')
@@ -35,7 +42,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a('--method', type=str, default='random', help=f"memory: {', '.join(METHODS)}")
-    a('--dataset', type=str, default='CIFAR100', help=', '.join(utils.DATASETS))
+    a('--dataset', type=str, default='CIFAR100', help=', '.join(DATASETS))
     a('--model', type=str, default='ConvNet', help='network that builds the memories and is evaluated')
     a('--ipc', type=int, default=20, help='memory images per class')
     a('--steps', type=int, default=5, help='number of class-incremental steps (a divisor of the number of classes)')
@@ -52,6 +59,8 @@ def parse_args(argv=None):
     a('--seed', type=int, default=0, help='class order K draws its random choices from seed + K')
     a('--device', type=str, default=None, help='cpu, cuda, cuda:N (default: cuda when available)')
     a('--quiet', action='store_true', help='no progress bars or per-step logs')
+    a('--unsafe_load', action='store_true', help='load memory files even when they hold Python objects beyond plain '
+                                                 'data: only for files you trust')
     b = parser.add_argument_group('building memories (--method herding, DSA or DM)')
     b.add_argument('--build', action='store_true', help='build the missing memory files, then evaluate')
     b.add_argument('--build_only', action='store_true', help='build the missing memory files and stop')
@@ -71,22 +80,22 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Validate every flag before any data is loaded, so a bad value fails in one line."""
-    utils.check_choice(args.method, METHODS, 'method')
-    utils.check_choice(args.dataset, list(utils.DATASETS), 'dataset')
-    utils.check_choice(args.model, MODEL_NAMES, 'model')
-    utils.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
+    base.check_choice(args.method, METHODS, 'method')
+    base.check_choice(args.dataset, list(DATASETS), 'dataset')
+    base.check_choice(args.model, MODEL_NAMES, 'model')
+    base.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
     for flag in ('ipc', 'steps', 'num_eval', 'num_orders', 'batch_train', 'batch_real'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
     for flag in ('epoch_eval_train', 'feat_epochs', 'Iteration_dsa', 'Iteration_dm', 'class_chunk'):
         if getattr(args, flag) < 0:
             raise UserError(f'--{flag} must be >= 0, got {getattr(args, flag)}')
-    num_classes = utils.DATASETS[args.dataset]['num_classes']
+    num_classes = DATASETS[args.dataset]['num_classes']
     if num_classes % args.steps:
         raise UserError(f'--steps {args.steps} does not divide the {num_classes} classes of {args.dataset}')
     if args.dsa_strategy in (None, ''):
-        args.dsa_strategy = utils.default_dsa_strategy(args.dataset)
-    utils.parse_strategy(args.dsa_strategy)
+        args.dsa_strategy = training.default_dsa_strategy(args.dataset)
+    parse_strategy(args.dsa_strategy)
     args.build = args.build or args.build_only
     if args.build and args.method not in BUILT_METHODS:
         raise UserError(f'--build makes memory files for {", ".join(BUILT_METHODS)}; --method {args.method} '
@@ -95,7 +104,7 @@ def check_args(args):
         utils.get_loops(args.ipc, args.outer_loop, args.inner_loop)  # an ipc outside the paper's table fails here
     if args.lr_img is None:
         args.lr_img = 1.0 if args.method == 'DM' else 0.1
-    args.device = utils.get_device(args.device)
+    args.device = base.get_device(args.device)
     args.dsa_param = utils.ParamDiffAug()
     return args
 
@@ -177,8 +186,8 @@ def check_memory(obj, path, order, steps, data):
     return memory
 
 
-def load_memory(path, order, steps, data):
-    return check_memory(utils.load_torch_file(path, 'continual-learning memory'), path, order, steps, data)
+def load_memory(path, order, steps, data, unsafe=False):
+    return check_memory(base.load_torch_file(path, 'continual-learning memory', unsafe=unsafe), path, order, steps, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,21 +235,21 @@ def condense_step(data, classes, args, desc=''):
 
 
 def herding_step(data, classes, args, desc=''):
-    """Herding (utils.herding_selection) of ipc real images per class of one step, in the embedding of a --model
+    """Herding (coreset.herding_selection) of ipc real images per class of one step, in the embedding of a --model
     network trained for --feat_epochs epochs on the real images of this step's classes only, so that no class of a
     later step influences the memory. Returns the dataset's own tensors with their original labels."""
     idx = torch.cat([data.indices_class[c] for c in classes])
     labels = data.labels_train[idx]
     step_data = dataclasses.replace(data, images_train=data.images_train[idx], labels_train=labels,
-                                    indices_class=utils.class_indices(labels, data.num_classes))
+                                    indices_class=class_indices(labels, data.num_classes))
     net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-    utils.train_full_set(net, step_data, args.feat_epochs, args.lr_net, batch_size=args.batch_train,
+    coreset.train_full_set(net, step_data, args.feat_epochs, args.lr_net, batch_size=args.batch_train,
                          desc=f'{desc} features', quiet=args.quiet)
     net.eval()
     picks = []
     for c in classes:
-        features = utils.embed_images(net, data.images_train, data.indices_class[c]).float()
-        picks.append(data.indices_class[c][utils.herding_selection(features, args.ipc)])
+        features = coreset.embed_images(net, data.images_train, data.indices_class[c]).float()
+        picks.append(data.indices_class[c][coreset.herding_selection(features, args.ipc)])
     picks = torch.cat(picks)
     return data.images_train[picks], data.labels_train[picks]
 
@@ -264,18 +273,18 @@ def build_memories(data, args):
     for seed_cl in range(args.num_orders):
         path = memory_path(args.data_path, args.method, args.dataset, args.model, args.ipc, args.steps, seed_cl)
         if os.path.exists(path) and not args.overwrite:
-            utils.log(args, f'{path} exists: kept (pass --overwrite to rebuild it)')
+            base.log(args, f'{path} exists: kept (pass --overwrite to rebuild it)')
             continue
         order = class_order(seed_cl, data.num_classes)
-        utils.set_seed(args.seed + seed_cl)
+        base.set_seed(args.seed + seed_cl)
         t0 = time.time()
         memory = build_memory(data, order, args, seed_cl)
         unrelated = ('build', 'build_only', 'overwrite', 'quiet', 'save_path', 'num_eval', 'epoch_eval_train')
-        config = {k: v for k, v in utils.config_dict(args).items() if k not in unrelated}
-        utils.save_torch_file_atomic({'data': [[images, labels] for images, labels in memory],
+        config = {k: v for k, v in results.config_dict(args).items() if k not in unrelated}
+        base.save_torch_file_atomic({'data': [[images, labels] for images, labels in memory],
                                       'class_order': [int(c) for c in order], 'config': config,
                                       'seconds': round(time.time() - t0, 3)}, path)
-        utils.log(args, f'wrote {path} ({time.time() - t0:.1f} s)')
+        base.log(args, f'wrote {path} ({time.time() - t0:.1f} s)')
 
 
 def random_memory(data, order, steps, ipc):
@@ -301,10 +310,10 @@ def evaluate_order(memory, order, data, args, seed_cl):
                    disable=args.quiet)
         for _ in bar:
             net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-            step_accs.append(utils.train_and_test(net, images, labels, images_test, labels_test, args.epoch_eval_train,
+            step_accs.append(training.train_and_test(net, images, labels, images_test, labels_test, args.epoch_eval_train,
                                                   args.lr_net, args.batch_train, dsa_strategy=args.dsa_strategy,
                                                   dc_strategy=None, dsa_param=args.dsa_param))
-        utils.log(args, f'order {seed_cl} step {s + 1}: {len(seen)} classes seen, train on {len(labels)} images, '
+        base.log(args, f'order {seed_cl} step {s + 1}: {len(seen)} classes seen, train on {len(labels)} images, '
                         f'test on {len(labels_test)}: mean acc {100 * np.mean(step_accs):.2f}%')
         accs.append(step_accs)
         sizes.append((len(labels), len(labels_test)))
@@ -336,11 +345,11 @@ def main(argv=None):
             if path is not None and not os.path.isfile(path):
                 raise missing_file_error(path, args)
 
-    data = utils.get_dataset(args.dataset, args.data_path).to(args.device)
+    data = load_dataset(args.dataset, args.data_path, unsafe_load=args.unsafe_load).to(args.device)
     if data.num_classes % args.steps:  # a TinyImageNet file may hold fewer than 200 classes
         raise UserError(f'--steps {args.steps} does not divide the {data.num_classes} classes of {data.name}')
     if args.method == 'random' or args.build:
-        utils.check_ipc_fits(data, args.ipc)
+        check_ipc_fits(data, args.ipc)
     if args.build:
         build_memories(data, args)
         if args.build_only:
@@ -350,11 +359,11 @@ def main(argv=None):
     orders, accs_orders, sizes_orders = [], [], []
     for seed_cl in range(args.num_orders):
         order = class_order(seed_cl, data.num_classes)
-        utils.set_seed(args.seed + seed_cl)
+        base.set_seed(args.seed + seed_cl)
         if args.method == 'random':
             memory = random_memory(data, order, args.steps, args.ipc)
         else:
-            memory = load_memory(paths[seed_cl], order, args.steps, data)
+            memory = load_memory(paths[seed_cl], order, args.steps, data, args.unsafe_load)
         orders.append([int(c) for c in order])
         accs, sizes = evaluate_order(memory, order, data, args, seed_cl)
         accs_orders.append(accs)
@@ -369,15 +378,15 @@ def main(argv=None):
     row = latex_row(summary)
     print(f'LaTeX: {args.method} {row} \\\\')
     out = result_path(args)
-    utils.write_json_atomic(out, {
-        'config': utils.config_dict(args),
+    base.write_json_atomic(out, {
+        'config': results.config_dict(args),
         'steps': [{'step': s + 1, 'classes_seen': (s + 1) * per_step, 'mean': m, 'std': sd, 'n': n,
                    'accs': [accs[s] for accs in accs_orders], 'train_images': [sz[s][0] for sz in sizes_orders],
                    'test_images': [sz[s][1] for sz in sizes_orders]} for s, (m, sd, n) in enumerate(summary)],
         'latex_row': row, 'class_orders': orders,
         'memory_files': [os.path.abspath(p) for p in paths] if args.method in BUILT_METHODS else None,
         'wall_seconds': round(time.time() - t0, 3)})
-    utils.log(args, f'summary written to {out}')
+    base.log(args, f'summary written to {out}')
     return {'steps': summary, 'latex_row': row, 'json': out}
 
 

@@ -35,6 +35,9 @@ class ParamDiffAug:
         self.brightness = brightness
         self.saturation = saturation
         self.contrast = contrast
+        # set by the original's callers; kept so their scripts run (the seed argument of DiffAugment does this work)
+        self.latestseed = -1
+        self.batchmode = False
 
 
 class ParamDCAug:
@@ -270,13 +273,16 @@ def parse_strategy(strategy, valid=DSA_OPS):
     return ops
 
 
-def DiffAugment(x, strategy, param=None, seed=None, generator=None):
-    """Differentiable augmentation of a batch x (N, C, H, W).
+def DiffAugment(x, strategy='', seed=-1, param=None, generator=None):
+    """Differentiable augmentation of a batch x (N, C, H, W), with the original's signature.
 
-    seed (int): Siamese use, one transform shared by all images, drawn from a private CPU generator.
-    seed None: independent per-image parameters from `generator` (any device) or the global RNG.
-    In aug_mode 'S' one op group of the strategy is picked per call (for the whole batch); in 'M' all are applied.
+    seed (int other than -1): Siamese use, one transform shared by all images, drawn from a private CPU generator
+    seeded with it (the same seed gives the same transform). seed -1 or None: independent per-image parameters from
+    `generator` (any device) or the global RNG. In aug_mode 'S' one op group of the strategy is picked per call (for
+    the whole batch); in 'M' all are applied. strategy '', 'none' or 'None' returns x.
     """
+    if seed == -1:
+        seed = None
     groups = parse_strategy(strategy)
     if not groups:
         return x

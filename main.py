@@ -9,10 +9,15 @@
 """
 import argparse
 
+import base
+import coreset
+import experiment
+import training
 import utils
-from utils import cli
+from data import check_ipc_fits, load_dataset
+from experiment import cli
 
-METHODS = ('DC', 'DSA') + utils.BASELINE_METHODS
+METHODS = ('DC', 'DSA') + training.BASELINE_METHODS
 
 
 def parse_args(argv=None):
@@ -20,9 +25,9 @@ def parse_args(argv=None):
     parser.add_argument('--method', type=str, default='DC', help=(
         f"one of {', '.join(METHODS)}. random/herding/kcenter/forgetting select ipc real training images per class "
         f"(no learning); whole trains the evaluation models on the full training set (--epoch_eval_train defaults "
-        f"to {utils.WHOLE_EPOCHS} for it). Baselines are evaluated like DC sets (DC augmentation rule), or with DSA "
+        f"to {coreset.WHOLE_EPOCHS} for it). Baselines are evaluated like DC sets (DC augmentation rule), or with DSA "
         f"augmentation when --dsa_strategy is given"))
-    utils.add_common_args(parser)
+    experiment.add_common_args(parser)
     parser.add_argument('--dis_metric', type=str, default='ours', help='gradient distance: ours, mse or cos')
     parser.add_argument('--outer_loop', type=int, default=None, help='override the outer loop of the ipc table')
     parser.add_argument('--inner_loop', type=int, default=None, help='override the inner loop of the ipc table')
@@ -36,51 +41,51 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.check_choice(args.method, METHODS, 'method')
-    utils.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
-    utils.check_common_args(args)
+    base.check_choice(args.method, METHODS, 'method')
+    base.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
+    experiment.check_common_args(args)
     if args.feat_epochs < 0:
-        raise utils.UserError(f'--feat_epochs must be >= 0, got {args.feat_epochs}')
+        raise base.UserError(f'--feat_epochs must be >= 0, got {args.feat_epochs}')
     if args.forget_epochs < 2:
-        raise utils.UserError(f'--forget_epochs must be >= 2 (a forgetting event spans two epochs), '
+        raise base.UserError(f'--forget_epochs must be >= 2 (a forgetting event spans two epochs), '
                               f'got {args.forget_epochs}')
     args.default_epoch_eval = 300
     if args.method == 'whole' and args.epoch_eval_train is None:
-        args.epoch_eval_train = utils.WHOLE_EPOCHS
+        args.epoch_eval_train = coreset.WHOLE_EPOCHS
     if args.method == 'DSA' and args.dsa_strategy in ('None', 'none', ''):
-        args.dsa_strategy = utils.default_dsa_strategy(args.dataset)
-        utils.log(args, f'DSA strategy not given: using {args.dsa_strategy} (the paper\'s for {args.dataset})')
+        args.dsa_strategy = training.default_dsa_strategy(args.dataset)
+        base.log(args, f'DSA strategy not given: using {args.dsa_strategy} (the paper\'s for {args.dataset})')
     learns = args.method in ('DC', 'DSA') and not args.load_syn
     outer_loop, inner_loop = utils.get_loops(args.ipc, args.outer_loop, args.inner_loop) if learns else (None, None)
 
-    data = utils.get_dataset(args.dataset, args.data_path).to(args.device)
+    data = load_dataset(args.dataset, args.data_path, unsafe_load=args.unsafe_load).to(args.device)
     if args.load_syn:
-        return utils.evaluate_saved(args, data)
-    if args.method in utils.BASELINE_METHODS:
+        return experiment.evaluate_saved(args, data)
+    if args.method in training.BASELINE_METHODS:
         return run_baseline(args, data)
-    utils.log(args, f'{args.method} on {args.dataset} with {args.model}, ipc {args.ipc}: outer_loop {outer_loop}, '
+    base.log(args, f'{args.method} on {args.dataset} with {args.model}, ipc {args.ipc}: outer_loop {outer_loop}, '
                     f'inner_loop {inner_loop}, {args.Iteration} iterations, device {args.device}')
-    return utils.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dc_iteration(
+    return experiment.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dc_iteration(
         image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop))
 
 
 def run_baseline(args, data):
     """Coreset selection (evaluated once, like a DC set at iteration 0) or the whole-dataset bound."""
-    aug = f'DSA {args.dsa_strategy}' if utils.method_uses_dsa(args.method, args.dsa_strategy) else 'the DC rule'
+    aug = f'DSA {args.dsa_strategy}' if training.method_uses_dsa(args.method, args.dsa_strategy) else 'the DC rule'
     if args.method == 'whole':
         if args.resume:
-            utils.log(args, '--resume does not apply to whole: every experiment is a fresh training run')
-        utils.log(args, f'whole {args.dataset} training set on {args.model}: {args.epoch_eval_train} epochs, '
+            base.log(args, '--resume does not apply to whole: every experiment is a fresh training run')
+        base.log(args, f'whole {args.dataset} training set on {args.model}: {args.epoch_eval_train} epochs, '
                         f'augmentation by {aug}, device {args.device}')
-        return utils.run_whole(args, data)
-    utils.check_ipc_fits(data, args.ipc)
-    utils.log(args, f'{args.method} coreset of {args.dataset}, ipc {args.ipc}, features/training by {args.model}, '
+        return coreset.run_whole(args, data)
+    check_ipc_fits(data, args.ipc)
+    base.log(args, f'{args.method} coreset of {args.dataset}, ipc {args.ipc}, features/training by {args.model}, '
                     f'evaluation augmentation by {aug}, device {args.device}')
 
     def init(exp):
-        return utils.coreset(args.method, data, args, args.seed + exp)
+        return coreset.coreset(args.method, data, args, args.seed + exp)
 
-    return utils.run_experiments(args, data, init)
+    return experiment.run_experiments(args, data, init)
 
 
 if __name__ == '__main__':

@@ -7,13 +7,16 @@
 """
 import argparse
 
+import base
+import experiment
 import utils
-from utils import cli
+from data import load_dataset
+from experiment import cli
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_args(parser, ipc=50, eval_mode='SS', epoch_eval_train=1000, Iteration=20000, lr_img=1.0,
+    experiment.add_common_args(parser, ipc=50, eval_mode='SS', epoch_eval_train=1000, Iteration=20000, lr_img=1.0,
                           init='real', dsa_strategy='color_crop_cutout_flip_scale_rotate', eval_every=2000)
     parser.add_argument('--class_chunk', type=int, default=0,
                         help='classes optimised at once (0: automatic; smaller needs less memory)')
@@ -23,17 +26,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     args.method = 'DM'
-    utils.check_common_args(args)
+    experiment.check_common_args(args)
     if args.class_chunk < 0:
-        raise utils.UserError(f'--class_chunk must be >= 0, got {args.class_chunk}')
+        raise base.UserError(f'--class_chunk must be >= 0, got {args.class_chunk}')
     args.default_epoch_eval = 1000
 
-    data = utils.get_dataset(args.dataset, args.data_path).to(args.device)
+    data = load_dataset(args.dataset, args.data_path, unsafe_load=args.unsafe_load).to(args.device)
     if args.load_syn:
-        return utils.evaluate_saved(args, data)
-    utils.log(args, f'DM on {args.dataset} with {args.model}, ipc {args.ipc}, {args.Iteration} iterations, '
+        return experiment.evaluate_saved(args, data)
+    base.log(args, f'DM on {args.dataset} with {args.model}, ipc {args.ipc}, {args.Iteration} iterations, '
                     f'DSA {args.dsa_strategy}, device {args.device}')
-    return utils.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dm_iteration(
+    return experiment.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dm_iteration(
         image_syn, label_syn, optimizer_img, data, args, classes, args.class_chunk or None))
 
 

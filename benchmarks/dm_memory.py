@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_DM  # noqa: E402
-import utils  # noqa: E402
+import base  # noqa: E402
 
 
 def write_standin(data_path, num_classes=200, train_per_class=500, val_per_class=50):
@@ -53,7 +53,7 @@ def main():
               'peak_memory': report['peak_memory'], 'standin_data': a.data_path is None}
     print(json.dumps(result, indent=2))
     os.makedirs(os.path.dirname(a.out) or '.', exist_ok=True)
-    utils.write_text_atomic(a.out, json.dumps(result, indent=2) + '\n')
+    base.write_text_atomic(a.out, json.dumps(result, indent=2) + '\n')
 
 
 if __name__ == '__main__':

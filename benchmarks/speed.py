@@ -37,7 +37,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main as main_dc  # noqa: E402
 import networks  # noqa: E402
+import base  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
+from data import DATASETS, DatasetTensors, FASHION_MNIST_CLASSES, class_indices, load_dataset, normalize_uint8  # noqa: E402
 from augment import ParamDiffAug  # noqa: E402
 from networks import get_network  # noqa: E402
 
@@ -169,25 +172,25 @@ def random_fashion_like(seed=0):
 
 
 def prepare_random(splits):
-    info = utils.DATASETS['FashionMNIST']
-    tensors = {s: (utils.normalize_uint8(x, info['mean'], info['std']), y) for s, (x, y) in splits.items()}
-    return utils.DatasetTensors(
-        name='FashionMNIST', channel=1, im_size=(28, 28), num_classes=10, class_names=list(utils.FASHION_MNIST_CLASSES),
+    info = DATASETS['FashionMNIST']
+    tensors = {s: (normalize_uint8(x, info['mean'], info['std']), y) for s, (x, y) in splits.items()}
+    return DatasetTensors(
+        name='FashionMNIST', channel=1, im_size=(28, 28), num_classes=10, class_names=list(FASHION_MNIST_CLASSES),
         mean=list(info['mean']), std=list(info['std']),
         images_train=tensors['train'][0], labels_train=tensors['train'][1],
         images_test=tensors['test'][0], labels_test=tensors['test'][1],
-        indices_class=utils.class_indices(tensors['train'][1], 10))
+        indices_class=class_indices(tensors['train'][1], 10))
 
 
 def load_data(data_path, device):
     """(prepare function, whether it is the real data); the function loads and organises the set on the device."""
     try:
-        utils.get_dataset('FashionMNIST', data_path, download=False)
-    except utils.UserError as e:
+        load_dataset('FashionMNIST', data_path, download=False)
+    except base.UserError as e:
         print(f'FashionMNIST not found ({e}); using random data of the same shapes', file=sys.stderr)
         splits = random_fashion_like()
         return (lambda: prepare_random(splits).to(device)), False
-    return (lambda: utils.get_dataset('FashionMNIST', data_path, download=False).to(device)), True
+    return (lambda: load_dataset('FashionMNIST', data_path, download=False).to(device)), True
 
 # -----------------------------------------------------------------------------
 # phases
@@ -200,7 +203,7 @@ def condense_args(method, device, batched_classes, dsa=None):
 
 
 def synthetic_set(data, ipc, device, lr):
-    utils.set_seed(0)
+    base.set_seed(0)
     image_syn, label_syn = utils.init_synthetic_set(data, ipc, 'real', device)
     return image_syn, label_syn, torch.optim.SGD([image_syn], lr=lr, momentum=0.5)
 
@@ -209,7 +212,7 @@ def dc_outer_step(data, args, image_syn, label_syn, optimizer_img, inner_loop):
     """One outer step of gradient matching on a fresh network (the loss over all classes and one update of the
     synthetic set) followed by its inner_loop epochs of network training, as in utils.dc_iteration."""
     classes = list(range(data.num_classes))
-    dsa = args.dsa_strategy if utils.method_uses_dsa(args.method, args.dsa_strategy) else None
+    dsa = args.dsa_strategy if training.method_uses_dsa(args.method, args.dsa_strategy) else None
     net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
     net.train()
     utils.matching_step(net, image_syn, optimizer_img, data, args, classes, dsa)
@@ -231,22 +234,22 @@ def eval_args(device, epochs, batched, **flags):
 def train_network(data, device, images, labels, epochs, **flags):
     torch.manual_seed(0)
     net = get_network('ConvNet', data.channel, data.num_classes, data.im_size, device=device)
-    rand = utils.net_randoms(1, device)[0]
+    rand = training.net_randoms(1, device)[0]
     empty = data.images_test[:0], data.labels_test[:0]  # training only
-    utils.train_and_test(net, images, labels, *empty, epochs, 0.01, 256, DSA, None, ParamDiffAug(), rand=rand, **flags)
+    training.train_and_test(net, images, labels, *empty, epochs, 0.01, 256, DSA, None, ParamDiffAug(), rand=rand, **flags)
 
 
 @contextlib.contextmanager
 def stock_ops():
     """How the code ran before the CPU fast paths: PyTorch's avg_pool2d kernel and whole batches (no cache-sized
     chunks). Used for the [stock] rows and for the calibration."""
-    saved = utils.CPU_CHUNK_FLOATS, networks.avg_pool_2x2
-    utils.CPU_CHUNK_FLOATS = 2**62
+    saved = training.CPU_CHUNK_FLOATS, networks.avg_pool_2x2
+    training.CPU_CHUNK_FLOATS = 2**62
     networks.avg_pool_2x2 = lambda x: torch.nn.functional.avg_pool2d(x, kernel_size=2, stride=2)
     try:
         yield
     finally:
-        utils.CPU_CHUNK_FLOATS, networks.avg_pool_2x2 = saved
+        training.CPU_CHUNK_FLOATS, networks.avg_pool_2x2 = saved
 
 
 def calibrate(device, repeats=5):
@@ -273,7 +276,7 @@ def warm_up(data, device):
     images, labels = ten_images(data)
     train_network(data, device, images, labels, 2)
     net = get_network('ConvNet', data.channel, data.num_classes, data.im_size, device=device)
-    utils.test_accuracy(net, data.images_test[:512], data.labels_test[:512])
+    training.test_accuracy(net, data.images_test[:512], data.labels_test[:512])
 
 
 def run_phases(a):
@@ -343,7 +346,7 @@ def run_phases(a):
         if flags.get('channels_last'):
             net = net.to(memory_format=torch.channels_last)
         with stock_ops() if stock else contextlib.nullcontext():
-            rows.append(measure(f'test_pass{name}', lambda _: utils.test_accuracy(net, data.images_test,
+            rows.append(measure(f'test_pass{name}', lambda _: training.test_accuracy(net, data.images_test,
                                                                                 data.labels_test, **flags),
                                 device, a.repeats, note=f'{len(data.labels_test)} test images'))
         net = net.to(memory_format=torch.contiguous_format)
@@ -363,8 +366,8 @@ def run_phases(a):
         tag = 'one by one' if variant == '0' else 'together (batched)'
         args = eval_args(device, eval_epochs, variant)
         rows.append(measure(f'eval_20nets [{tag}]',
-                            lambda _: utils.evaluate_models(images, labels, eval_data, args, 'ConvNet', 20), device,
-                            heavy, setup=lambda: utils.set_seed(0), per=('network', 20),
+                            lambda _: training.evaluate_models(images, labels, eval_data, args, 'ConvNet', 20), device,
+                            heavy, setup=lambda: base.set_seed(0), per=('network', 20),
                             note=f'{eval_epochs + 1} epochs + test pass on {len(eval_data.labels_test)} images each'))
     return rows, real, calibration
 
@@ -395,18 +398,18 @@ def end_to_end_rows(a, stock):
 def compile_rows(data, device, images, labels, epochs):
     """--compile: first network (compiles), second network (reuses the compiled code), and a compiled test pass."""
     rows = []
-    utils.COMPILE_ERROR = None
+    training.COMPILE_ERROR = None
     for which in ('first network, compiles', 'next network'):
         rows.append(measure('train_10img --compile', lambda _: train_network(data, device, images, labels, epochs,
                                                                              compile=True),
                             device, 1, per=('epoch', epochs + 1), note=f'{epochs + 1} epochs; {which}'))
-    net = utils.SoftCompiled(get_network('ConvNet', data.channel, data.num_classes, data.im_size, device=device))
-    utils.test_accuracy(net, data.images_test[:1024], data.labels_test[:1024])  # compile the inference graph
-    rows.append(measure('test_pass --compile', lambda _: utils.test_accuracy(net, data.images_test, data.labels_test),
+    net = training.SoftCompiled(get_network('ConvNet', data.channel, data.num_classes, data.im_size, device=device))
+    training.test_accuracy(net, data.images_test[:1024], data.labels_test[:1024])  # compile the inference graph
+    rows.append(measure('test_pass --compile', lambda _: training.test_accuracy(net, data.images_test, data.labels_test),
                         device, 1, note='after compiling'))
-    if utils.COMPILE_ERROR:
+    if training.COMPILE_ERROR:
         for row in rows[-3:]:
-            row['note'] += f' (compile failed, ran eagerly: {utils.COMPILE_ERROR})'
+            row['note'] += f' (compile failed, ran eagerly: {training.COMPILE_ERROR})'
     return rows
 
 
@@ -479,7 +482,7 @@ def main():
     p.add_argument('--data_path', default='data', help='FashionMNIST folder (the Debian copy is found automatically)')
     p.add_argument('--out', default=None, help='JSON path (default benchmarks/out/speed_<device>[_quick].json)')
     a = p.parse_args()
-    a.device = utils.get_device(a.device)
+    a.device = base.get_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     device_type = torch.device(a.device).type
@@ -497,7 +500,7 @@ def main():
     for k, v in result['summary'].items():
         print(f'  {k:<50} {v}')
     os.makedirs(os.path.dirname(a.out) or '.', exist_ok=True)
-    utils.write_text_atomic(a.out, json.dumps(result, indent=2) + '\n')
+    base.write_text_atomic(a.out, json.dumps(result, indent=2) + '\n')
     print(f'written {a.out} ({result["wall_s"]} s)')
 
 

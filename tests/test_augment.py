@@ -56,7 +56,7 @@ def test_empty_strategy_is_identity():
 
 def test_bad_aug_mode():
     with pytest.raises(ValueError, match='aug_mode'):
-        DiffAugment(images(2), 'crop_flip', ParamDiffAug(aug_mode='X'), seed=0)
+        DiffAugment(images(2), 'crop_flip', param=ParamDiffAug(aug_mode='X'), seed=0)
 
 
 # ----------------------------------------------------------------------------- Siamese behaviour
@@ -69,8 +69,8 @@ def test_siamese_same_transform_any_batch_size(strategy, mode):
     big = torch.cat([images(7, seed=2), img, images(4, seed=3)])  # like a real batch
     small = torch.cat([img, images(2, seed=4)])  # like a synthetic batch
     for seed in range(4):
-        out_big = DiffAugment(big, strategy, param, seed=seed)
-        out_small = DiffAugment(small, strategy, param, seed=seed)
+        out_big = DiffAugment(big, strategy, param=param, seed=seed)
+        out_small = DiffAugment(small, strategy, param=param, seed=seed)
         assert out_big.shape == big.shape and out_small.shape == small.shape
         torch.testing.assert_close(out_big[7], out_small[0], rtol=0, atol=1e-6)
 
@@ -79,7 +79,7 @@ def test_siamese_same_transform_any_batch_size(strategy, mode):
 def test_siamese_shared_by_every_image(strategy, mode):
     # the same image repeated gets the same output everywhere in the batch
     x = images(1).repeat(5, 1, 1, 1)
-    out = DiffAugment(x, strategy, ParamDiffAug(aug_mode=mode), seed=3)
+    out = DiffAugment(x, strategy, param=ParamDiffAug(aug_mode=mode), seed=3)
     torch.testing.assert_close(out, out[:1].expand_as(out), rtol=0, atol=1e-6)
 
 
@@ -102,7 +102,7 @@ def test_siamese_matches_replayed_draws(mode):
     x = images(3)
     picked = set()
     for seed in range(12):
-        torch.testing.assert_close(DiffAugment(x, FULL, param, seed=seed),
+        torch.testing.assert_close(DiffAugment(x, FULL, param=param, seed=seed),
                                    expected_siamese(x, FULL.split('_'), seed, param), rtol=0, atol=0)
         picked.add(AugRandom(1, 'cpu', seed=seed).choice(6))
     assert len(picked) >= 3  # mode S really picks different groups across seeds
@@ -111,7 +111,7 @@ def test_siamese_matches_replayed_draws(mode):
 def test_mode_S_applies_exactly_one_group():
     x = images(2)
     for seed in range(6):
-        out = DiffAugment(x, 'flip_rotate', ParamDiffAug(aug_mode='S'), seed=seed)
+        out = DiffAugment(x, 'flip_rotate', param=ParamDiffAug(aug_mode='S'), seed=seed)
         rng = AugRandom(2, 'cpu', seed=seed)
         group = ['flip', 'rotate'][rng.choice(2)]
         (prim,) = DSA_OPS[group]
@@ -123,7 +123,7 @@ def test_siamese_leaves_global_rng_untouched(strategy):
     x = images(2)
     state = torch.get_rng_state()
     DiffAugment(x, strategy, seed=5)
-    DiffAugment(x, strategy, ParamDiffAug(aug_mode='M'), seed=6)
+    DiffAugment(x, strategy, param=ParamDiffAug(aug_mode='M'), seed=6)
     assert torch.equal(state, torch.get_rng_state())
 
 
@@ -135,7 +135,7 @@ def test_siamese_leaves_global_rng_untouched(strategy):
 def test_gradients_flow_to_input(strategy, mode, siamese):
     x = images(4).requires_grad_(True)
     kwargs = dict(seed=2) if siamese else dict(generator=gen(2))
-    out = DiffAugment(x, strategy, ParamDiffAug(aug_mode=mode), **kwargs)
+    out = DiffAugment(x, strategy, param=ParamDiffAug(aug_mode=mode), **kwargs)
     weights = images(4, seed=9)
     (out * weights).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -156,16 +156,16 @@ def test_independent_mode_differs_per_image(strategy):
 
 def test_independent_mode_generator_and_global_rng():
     x = images(6)
-    a = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'), generator=gen(4))
-    b = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'), generator=gen(4))
+    a = DiffAugment(x, FULL, param=ParamDiffAug(aug_mode='M'), generator=gen(4))
+    b = DiffAugment(x, FULL, param=ParamDiffAug(aug_mode='M'), generator=gen(4))
     assert torch.equal(a, b)
     state = torch.get_rng_state()
     DiffAugment(x, FULL, generator=gen(4))
     assert torch.equal(state, torch.get_rng_state())  # a given generator replaces the global RNG
     torch.manual_seed(123)
-    c = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'))
+    c = DiffAugment(x, FULL, param=ParamDiffAug(aug_mode='M'))
     torch.manual_seed(123)
-    d = DiffAugment(x, FULL, ParamDiffAug(aug_mode='M'))
+    d = DiffAugment(x, FULL, param=ParamDiffAug(aug_mode='M'))
     assert torch.equal(c, d) and not torch.equal(c, a)
 
 
@@ -402,12 +402,12 @@ def test_cuda_matches_cpu():
     x = images(5)
     xc = x.cuda().requires_grad_(True)
     for mode in ('S', 'M'):
-        out = DiffAugment(xc, FULL, ParamDiffAug(aug_mode=mode), seed=3)
+        out = DiffAugment(xc, FULL, param=ParamDiffAug(aug_mode=mode), seed=3)
         assert out.device == xc.device
-        torch.testing.assert_close(out.cpu(), DiffAugment(x, FULL, ParamDiffAug(aug_mode=mode), seed=3),
+        torch.testing.assert_close(out.cpu(), DiffAugment(x, FULL, param=ParamDiffAug(aug_mode=mode), seed=3),
                                    rtol=0, atol=1e-5)
     out.sum().backward()
     assert torch.isfinite(xc.grad).all() and xc.grad.abs().sum() > 0
     for g in (gen(0), torch.Generator('cuda').manual_seed(0), None):
-        assert DiffAugment(xc, FULL, ParamDiffAug(aug_mode='M'), generator=g).device == xc.device
+        assert DiffAugment(xc, FULL, param=ParamDiffAug(aug_mode='M'), generator=g).device == xc.device
         assert augment_dc(xc, 'crop_scale_rotate_noise', generator=g).device == xc.device

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 import main
+import base
+import coreset
+import experiment
+import training
 import utils
+from data import load_dataset
 from conftest import write_fashion_mnist
 
 torch.set_num_threads(2)
@@ -28,13 +33,13 @@ def run_main(data_path, save_path, method, *extra):
 def small_data(tmp_path_factory):
     """10 classes x 8 training images (smallest class 8), loaded as DatasetTensors, and its data_path."""
     path = write_fashion_mnist(tmp_path_factory.mktemp('fm_small'), train_per_class=8, test_per_class=4)
-    return utils.get_dataset('FashionMNIST', path), path
+    return load_dataset('FashionMNIST', path), path
 
 
 def selection_args(save_path, ipc=3, model='ConvNetW32'):
     args = main.parse_args(['--dataset', 'FashionMNIST', '--model', model, '--ipc', str(ipc), '--save_path',
                             str(save_path), '--device', 'cpu', '--quiet', '--feat_epochs', '1', '--forget_epochs', '2'])
-    return utils.check_common_args(args)
+    return experiment.check_common_args(args)
 
 
 # ----------------------------------------------------------------------------- selection rules
@@ -46,8 +51,8 @@ def test_herding_follows_the_running_mean():
     # pick 3: (-3,0) makes the running mean exactly (0,0).
     # Ranking by distance to the mean would instead take a point at distance 3 second, not (4, 0).
     features = torch.tensor([[4., 0.], [-1., 0.], [-3., 0.], [0., 3.], [0., -3.]])
-    assert utils.herding_selection(features, 3).tolist() == [1, 0, 2]
-    assert sorted(utils.herding_selection(features, 5).tolist()) == [0, 1, 2, 3, 4]
+    assert coreset.herding_selection(features, 3).tolist() == [1, 0, 2]
+    assert sorted(coreset.herding_selection(features, 5).tolist()) == [0, 1, 2, 3, 4]
 
 
 def test_kcenter_starts_at_the_mean_and_covers_every_cluster():
@@ -56,7 +61,7 @@ def test_kcenter_starts_at_the_mean_and_covers_every_cluster():
     clusters = torch.cat([c + jitter for c in torch.tensor([[10., 0.], [-10., 0.], [0., 10.]])])
     centre = clusters.mean(0, keepdim=True)
     features = torch.cat([clusters[:4], centre, clusters[4:]])  # the centre at position 4, not first
-    picks = utils.kcenter_selection(features, 4)
+    picks = coreset.kcenter_selection(features, 4)
     assert picks[0].item() == 4
     cluster_of = lambda i: (i if i < 4 else i - 1) // 3  # noqa: E731
     assert sorted(cluster_of(i) for i in picks[1:].tolist()) == [0, 1, 2]
@@ -67,9 +72,9 @@ def test_kcenter_starts_at_the_mean_and_covers_every_cluster():
 
 def test_selection_rules_reject_more_picks_than_examples():
     with pytest.raises(ValueError):
-        utils.herding_selection(torch.zeros(3, 2), 4)
+        coreset.herding_selection(torch.zeros(3, 2), 4)
     with pytest.raises(ValueError):
-        utils.kcenter_selection(torch.zeros(3, 2), 4)
+        coreset.kcenter_selection(torch.zeros(3, 2), 4)
 
 
 def test_forgetting_counts_on_a_crafted_sequence():
@@ -81,64 +86,64 @@ def test_forgetting_counts_on_a_crafted_sequence():
         [T, F, F, T, T],
     ])
     # example 1: T->F twice; 3: T->F once (F->T does not count); 4: T->F once; 0 and 2 never
-    assert utils.forgetting_counts(history).tolist() == [0, 2, 0, 1, 1]
-    assert utils.forgetting_counts(history[:1]).tolist() == [0, 0, 0, 0, 0]
+    assert coreset.forgetting_counts(history).tolist() == [0, 2, 0, 1, 1]
+    assert coreset.forgetting_counts(history[:1]).tolist() == [0, 0, 0, 0, 0]
 
 
 def test_forgetting_selection_takes_the_most_forgotten_and_breaks_ties_with_the_seed():
     counts = torch.tensor([0, 2, 0, 1, 1, 2])
-    assert sorted(utils.forgetting_selection(counts, 2).tolist()) == [1, 5]
+    assert sorted(coreset.forgetting_selection(counts, 2).tolist()) == [1, 5]
     third = []
     for seed in range(12):
         torch.manual_seed(seed)
-        picks = utils.forgetting_selection(counts, 3).tolist()
+        picks = coreset.forgetting_selection(counts, 3).tolist()
         assert sorted(picks[:2]) == [1, 5] and picks[2] in (3, 4)
         torch.manual_seed(seed)
-        assert utils.forgetting_selection(counts, 3).tolist() == picks  # same seed, same choice
+        assert coreset.forgetting_selection(counts, 3).tolist() == picks  # same seed, same choice
         third.append(picks[2])
     assert set(third) == {3, 4}  # the tie really is broken at random
 
 
 def test_baselines_are_evaluated_with_the_dc_rule_unless_dsa_is_asked_for():
-    for method in utils.BASELINE_METHODS:
-        assert utils.eval_settings(method, 'MNIST', 'ConvNet', 'None') == (None, 'crop_scale_rotate', 1000)
-        assert utils.eval_settings(method, 'CIFAR10', 'ConvNetBN', 'None', default_epochs=300)[1] == 'crop_noise'
-        assert utils.eval_settings(method, 'CIFAR10', 'ConvNet', 'None', default_epochs=300) == (None, None, 300)
-        assert utils.eval_settings(method, 'MNIST', 'ConvNet', 'crop_flip', 20) == ('crop_flip', None, 20)
-    assert utils.eval_settings('DM', 'MNIST', 'ConvNet', 'None')[1] is None  # other methods unchanged
+    for method in training.BASELINE_METHODS:
+        assert training.eval_settings(method, 'MNIST', 'ConvNet', 'None') == (None, 'crop_scale_rotate', 1000)
+        assert training.eval_settings(method, 'CIFAR10', 'ConvNetBN', 'None', default_epochs=300)[1] == 'crop_noise'
+        assert training.eval_settings(method, 'CIFAR10', 'ConvNet', 'None', default_epochs=300) == (None, None, 300)
+        assert training.eval_settings(method, 'MNIST', 'ConvNet', 'crop_flip', 20) == ('crop_flip', None, 20)
+    assert training.eval_settings('DM', 'MNIST', 'ConvNet', 'None')[1] is None  # other methods unchanged
 
 
 # ----------------------------------------------------------------------------- selection on a dataset
 
-@pytest.mark.parametrize('method', utils.SELECTION_METHODS)
+@pytest.mark.parametrize('method', coreset.SELECTION_METHODS)
 def test_each_selection_returns_ipc_distinct_indices_per_class(method, small_data, tmp_path):
     data, _ = small_data
     args = selection_args(tmp_path)
-    utils.set_seed(5)
-    indices = utils.select_coreset(method, data, args, seed=5)
+    base.set_seed(5)
+    indices = coreset.select_coreset(method, data, args, seed=5)
     assert indices.dtype == torch.int64 and indices.shape == (data.num_classes * args.ipc,)
     assert indices.unique().numel() == indices.numel()
     assert torch.equal(data.labels_train[indices], utils.synthetic_labels(data.num_classes, args.ipc, 'cpu'))
-    utils.set_seed(5)
-    assert torch.equal(utils.select_coreset(method, data, args, seed=5), indices)  # reproducible from the seed
-    utils.set_seed(5)
-    images, labels = utils.coreset(method, data, args, seed=5)
+    base.set_seed(5)
+    assert torch.equal(coreset.select_coreset(method, data, args, seed=5), indices)  # reproducible from the seed
+    base.set_seed(5)
+    images, labels = coreset.coreset(method, data, args, seed=5)
     assert torch.equal(images, data.images_train[indices]) and torch.equal(labels, data.labels_train[indices])
 
 
 def test_feature_network_is_cached_and_does_not_disturb_the_random_stream(small_data, tmp_path):
     data, _ = small_data
     args = selection_args(tmp_path)
-    path = utils.featnet_path(args, data.name, 7)
-    utils.set_seed(7)
-    trained = utils.select_coreset('herding', data, args, seed=7)
+    path = coreset.featnet_path(args, data.name, 7)
+    base.set_seed(7)
+    trained = coreset.select_coreset('herding', data, args, seed=7)
     after_training = torch.rand(3)
     assert os.path.isfile(path)
     stamp = os.stat(path).st_mtime_ns
-    utils.set_seed(7)
-    cached = utils.select_coreset('herding', data, args, seed=7)
+    base.set_seed(7)
+    cached = coreset.select_coreset('herding', data, args, seed=7)
     assert torch.equal(cached, trained) and torch.equal(torch.rand(3), after_training)
-    utils.select_coreset('kcenter', data, args, seed=7)
+    coreset.select_coreset('kcenter', data, args, seed=7)
     assert os.stat(path).st_mtime_ns == stamp  # reused, not retrained
     state = torch.load(path, map_location='cpu', weights_only=True)
     assert set(state) == set(utils.get_network('ConvNetW32', 1, 10, (28, 28), device='cpu').state_dict())
@@ -157,8 +162,8 @@ def test_random_run_writes_real_images_in_the_published_structure(small_data, tm
         assert images.dtype == torch.float32 and images.shape == (20, 1, 28, 28)
         assert labels.dtype == torch.int64 and labels.tolist() == [c for c in range(10) for _ in range(2)]
         # experiment k is the selection drawn from seed + k, byte for byte the dataset's tensors
-        utils.set_seed(3 + exp)
-        indices = utils.select_coreset('random', data, args, seed=3 + exp)
+        base.set_seed(3 + exp)
+        indices = coreset.select_coreset('random', data, args, seed=3 + exp)
         assert torch.equal(images, data.images_train[indices]) and torch.equal(labels, data.labels_train[indices])
     assert not torch.equal(res['data'][0][0], res['data'][1][0])
     summary = json.loads((tmp_path / 'res_random_FashionMNIST_MLP_2ipc.json').read_text())
@@ -195,7 +200,7 @@ def test_bad_input_is_one_line_and_exit_2(extra, words, small_data, tmp_path, ca
     argv = ['--dataset', 'FashionMNIST', '--data_path', str(data_path), '--save_path', str(tmp_path), '--device',
             'cpu', '--quiet', *extra]
     with pytest.raises(SystemExit) as exc:
-        utils.cli(lambda: main.main(argv))
+        experiment.cli(lambda: main.main(argv))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and '\n' not in err

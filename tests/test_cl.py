@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import CL_DM
+import base
+import coreset
+import experiment
 import utils
+from data import load_dataset
 from conftest import write_cifar10
 
 STEPS = 5
@@ -99,7 +103,7 @@ def test_memory_path_and_missing_file_error(cifar_path, tmp_path, capsys):
         'cl_DM_CIFAR100_ConvNet_20ipc_5steps_seed4.pt'
     empty = tmp_path / 'no_data_here'  # fails before the dataset is looked for
     with pytest.raises(SystemExit) as exc:
-        utils.cli(lambda: CL_DM.main(cl_argv(empty, tmp_path, 'DM')))
+        experiment.cli(lambda: CL_DM.main(cl_argv(empty, tmp_path, 'DM')))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert '\n' not in err and err.startswith('error: ')
@@ -114,7 +118,7 @@ def test_memory_path_and_missing_file_error(cifar_path, tmp_path, capsys):
     (['--method', 'DC'], "unknown method 'DC'"),
 ])
 def test_bad_flags_fail_in_one_line(tmp_path, argv_extra, message):
-    with pytest.raises((utils.UserError, ValueError), match=message):
+    with pytest.raises((base.UserError, ValueError), match=message):
         CL_DM.main(cl_argv(tmp_path, tmp_path, 'random') + argv_extra)
 
 
@@ -128,7 +132,7 @@ def test_random_end_to_end(cifar_path, tmp_path):
 
 
 def test_published_format_file_loads_and_is_checked(cifar_path, tmp_path):
-    data = utils.get_dataset('CIFAR10', cifar_path)
+    data = load_dataset('CIFAR10', cifar_path)
     order = CL_DM.class_order(0, 10)
     published = []
     for s in range(STEPS):
@@ -143,11 +147,11 @@ def test_published_format_file_loads_and_is_checked(cifar_path, tmp_path):
         check_results(read_json(tmp_path, 'DSA'), num_orders=1)
         memory = CL_DM.load_memory(path, order, STEPS, data)
         assert all(torch.equal(m[0], p[0]) and torch.equal(m[1], p[1]) for m, p in zip(memory, published))
-        with pytest.raises(utils.UserError, match='introduces at another step'):
+        with pytest.raises(base.UserError, match='introduces at another step'):
             CL_DM.check_memory({'data': published[::-1]}, path, order, STEPS, data)
-        with pytest.raises(utils.UserError, match='another class order'):  # our own files record their order
+        with pytest.raises(base.UserError, match='another class order'):  # our own files record their order
             CL_DM.check_memory({'data': published, 'class_order': order[::-1].tolist()}, path, order, STEPS, data)
-        with pytest.raises(utils.UserError, match='not --steps 10'):
+        with pytest.raises(base.UserError, match='not --steps 10'):
             CL_DM.check_memory({'data': published}, path, order, 10, data)
     finally:
         os.remove(path)
@@ -164,12 +168,13 @@ def test_build_then_evaluate(cifar_path, tmp_path, monkeypatch, method, num_orde
     # the shared loops / selection run on the classes of one step at a time
     calls = []
     name = {'herding': 'herding_selection', 'DSA': 'dc_iteration', 'DM': 'dm_iteration'}[method]
-    real_fn = getattr(utils, name)
+    owner = coreset if method == 'herding' else utils
+    real_fn = getattr(owner, name)
 
     def spy(*a, **kw):
         calls.append(a[0].shape[0] if method == 'herding' else list(a[5]))  # features rows / classes
         return real_fn(*a, **kw)
-    monkeypatch.setattr(utils, name, spy)
+    monkeypatch.setattr(owner, name, spy)
     CL_DM.main(cl_argv(data_path, tmp_path / 'res', method, '--build', *budget, num_orders=num_orders))
     check_results(read_json(tmp_path / 'res', method), num_orders=num_orders)
     if method == 'herding':
@@ -180,7 +185,7 @@ def test_build_then_evaluate(cifar_path, tmp_path, monkeypatch, method, num_orde
                     for k in range(num_orders) for s in range(STEPS) for _ in range(iterations)]
         assert calls == expected
 
-    data = utils.get_dataset('CIFAR10', data_path)
+    data = load_dataset('CIFAR10', data_path)
     train = data.images_train.flatten(1)
     for k, path in enumerate(memory_files(data_path, method, num_orders)):
         obj = torch.load(path, map_location='cpu', weights_only=True)  # the published structure

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import base
+import training
 import utils
+from data import load_dataset
 from conftest import write_mnist
 from augment import ParamDiffAug
 
@@ -54,9 +57,9 @@ def test_match_loss_zero_for_identical_gradients_and_unknown_metric():
 # ---------------------------------------------------------------------------- seeding and settings
 
 def test_set_seed_drives_python_numpy_torch():
-    utils.set_seed(123)
+    base.set_seed(123)
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    utils.set_seed(123)
+    base.set_seed(123)
     b = (random.random(), np.random.rand(), torch.rand(1).item())
     assert a == b
 
@@ -67,7 +70,7 @@ def test_loop_table_overrides_and_missing_ipc():
     assert utils.get_loops(50) == (50, 10)
     assert utils.get_loops(10, inner_loop=5) == (10, 5)
     assert utils.get_loops(7, 3, 4) == (3, 4)
-    with pytest.raises(utils.UserError, match='--outer_loop and --inner_loop'):
+    with pytest.raises(base.UserError, match='--outer_loop and --inner_loop'):
         utils.get_loops(7)
 
 
@@ -79,11 +82,11 @@ def test_eval_pools_and_augmentation_rules():
     with pytest.raises(ValueError, match='eval_mode'):
         utils.get_eval_pool('Q', 'ConvNet')
     strategy = 'color_crop_cutout_flip_scale_rotate'
-    assert utils.eval_settings('DSA', 'CIFAR10', 'ConvNet', strategy) == (strategy, None, 1000)
-    assert utils.eval_settings('DC', 'CIFAR10', 'ConvNet', strategy) == (None, None, 300)
-    assert utils.eval_settings('DC', 'MNIST', 'ConvNet', 'None') == (None, 'crop_scale_rotate', 1000)
-    assert utils.eval_settings('DC', 'CIFAR10', 'ConvNetBN', 'None') == (None, 'crop_noise', 1000)
-    assert utils.eval_settings('DC', 'MNIST', 'ConvNet', 'None', epoch_eval_train=7)[2] == 7  # explicit value wins
+    assert training.eval_settings('DSA', 'CIFAR10', 'ConvNet', strategy) == (strategy, None, 1000)
+    assert training.eval_settings('DC', 'CIFAR10', 'ConvNet', strategy) == (None, None, 300)
+    assert training.eval_settings('DC', 'MNIST', 'ConvNet', 'None') == (None, 'crop_scale_rotate', 1000)
+    assert training.eval_settings('DC', 'CIFAR10', 'ConvNetBN', 'None') == (None, 'crop_noise', 1000)
+    assert training.eval_settings('DC', 'MNIST', 'ConvNet', 'None', epoch_eval_train=7)[2] == 7  # explicit value wins
 
 
 # ---------------------------------------------------------------------------- learning loops on a tiny dataset
@@ -98,11 +101,11 @@ def tiny_args(**kw):
 @pytest.fixture
 def mnist_data(tmp_path):
     write_mnist(tmp_path, train_per_class=16, test_per_class=4)
-    return utils.get_dataset('MNIST', str(tmp_path), download=False)
+    return load_dataset('MNIST', str(tmp_path), download=False)
 
 
 def test_gradient_matching_loss_decreases_on_a_fixed_network(mnist_data):
-    utils.set_seed(0)
+    base.set_seed(0)
     data = mnist_data
     net = utils.get_network('ConvNet', data.channel, data.num_classes, data.im_size, device='cpu')
     image_syn, _ = utils.init_synthetic_set(data, 1, 'noise', 'cpu')
@@ -120,7 +123,7 @@ def test_gradient_matching_loss_decreases_on_a_fixed_network(mnist_data):
 
 
 def test_dc_iteration_updates_the_synthetic_set_with_bn_model(mnist_data):
-    utils.set_seed(0)
+    base.set_seed(0)
     args = tiny_args(model='ConvNetBN', method='DSA', dsa_strategy='color_crop_cutout_scale_rotate')
     image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'real', 'cpu')
     before = image_syn.detach().clone()
@@ -131,7 +134,7 @@ def test_dc_iteration_updates_the_synthetic_set_with_bn_model(mnist_data):
 
 
 def test_dm_loss_decreases(mnist_data):
-    utils.set_seed(0)
+    base.set_seed(0)
     args = tiny_args(method='DM', dsa_strategy='None', lr_img=1.0)
     image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'noise', 'cpu')
     opt = torch.optim.SGD([image_syn], lr=1.0, momentum=0.5)
@@ -147,7 +150,7 @@ def test_dm_class_chunks_equal_joint_optimisation(mnist_data, dsa):
     args = tiny_args(method='DM', dsa_strategy=dsa, lr_img=1.0)
     results = []
     for chunk in (None, 1, 3):
-        utils.set_seed(0)
+        base.set_seed(0)
         image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'real', 'cpu')
         opt = torch.optim.SGD([image_syn], lr=1.0, momentum=0.5)
         for _ in range(3):
@@ -158,7 +161,7 @@ def test_dm_class_chunks_equal_joint_optimisation(mnist_data, dsa):
 
 
 def test_dm_on_subset_of_classes_and_bn_model(mnist_data):
-    utils.set_seed(0)
+    base.set_seed(0)
     args = tiny_args(model='ConvNetBN', method='DM', dsa_strategy='color_crop_cutout_scale_rotate', lr_img=1.0)
     image_syn, label_syn = utils.init_synthetic_set(mnist_data, 3, 'real', 'cpu')
     image_syn = image_syn.detach()[:9].clone().requires_grad_(True)   # classes 0..2 only
@@ -168,9 +171,9 @@ def test_dm_on_subset_of_classes_and_bn_model(mnist_data):
 
 
 def test_evaluation_learns_real_images_above_chance(mnist_data):
-    utils.set_seed(0)
+    base.set_seed(0)
     data = mnist_data
     net = utils.get_network('ConvNet', data.channel, data.num_classes, data.im_size, device='cpu')
-    acc = utils.train_and_test(net, data.images_train, data.labels_train, data.images_test, data.labels_test,
+    acc = training.train_and_test(net, data.images_train, data.labels_train, data.images_test, data.labels_test,
                                epochs=20, lr=0.01, batch_size=64)
     assert acc > 0.5  # chance is 0.1

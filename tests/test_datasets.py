@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-import utils
+import base
 from conftest import (make_class_images, make_split, tiny_wnids, write_cifar10, write_cifar100, write_fashion_mnist,
                       write_idx_folder, write_mnist, write_tiny_imagenet_folder)
-from utils import DATASETS, UserError, get_dataset
+from base import UserError
+import data as data_module
+from data import DATASETS, load_dataset
 
 REAL_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -77,7 +79,7 @@ def test_registry_matches_spec():
 
 def test_mnist_equals_torchvision_item_by_item(mnist_path):
     datasets = pytest.importorskip("torchvision.datasets")
-    ds = get_dataset("MNIST", mnist_path, download=False)
+    ds = load_dataset("MNIST", mnist_path, download=False)
     check_layout(ds, "MNIST", 200, 100)
     assert ds.num_classes == 10 and ds.class_names == datasets.MNIST.classes
     for train, images, labels in ((True, ds.images_train, ds.labels_train), (False, ds.images_test, ds.labels_test)):
@@ -91,13 +93,13 @@ def test_mnist_equals_torchvision_item_by_item(mnist_path):
 
 
 def test_plain_and_gz_idx_give_the_same_tensors(tmp_path):
-    plain = get_dataset("MNIST", write_mnist(tmp_path / "plain", 3, 2, gz=False), download=False)
-    gz = get_dataset("MNIST", write_mnist(tmp_path / "gz", 3, 2, gz=True), download=False)
+    plain = load_dataset("MNIST", write_mnist(tmp_path / "plain", 3, 2, gz=False), download=False)
+    gz = load_dataset("MNIST", write_mnist(tmp_path / "gz", 3, 2, gz=True), download=False)
     assert torch.equal(plain.images_train, gz.images_train) and torch.equal(plain.labels_test, gz.labels_test)
 
 
 def test_fashion_mnist_gz(fashion_gz_path):
-    ds = get_dataset("FashionMNIST", fashion_gz_path, download=False)
+    ds = load_dataset("FashionMNIST", fashion_gz_path, download=False)
     check_layout(ds, "FashionMNIST", 200, 100)
     assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
     _, (x_te, y_te) = make_split(10, 20, 10, 1, 28)
@@ -109,12 +111,12 @@ def test_fashion_mnist_system_fallback_and_local_priority(tmp_path, monkeypatch)
     system_dir = tmp_path / "system"
     train, test = make_split(10, 2, 1, 1, 28, seed=5)
     write_idx_folder(system_dir, train, test, gz=True)
-    monkeypatch.setattr(utils, "FASHION_MNIST_SYSTEM_DIRS", [str(system_dir)])
-    ds = get_dataset("FashionMNIST", tmp_path / "empty", download=False)
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIRS", [str(system_dir)])
+    ds = load_dataset("FashionMNIST", tmp_path / "empty", download=False)
     assert torch.equal(ds.labels_train, torch.from_numpy(train[1]))
     # files under data_path win over the system copy
     local = write_fashion_mnist(tmp_path / "local", 3, 1, seed=9)
-    ds = get_dataset("FashionMNIST", local, download=False)
+    ds = load_dataset("FashionMNIST", local, download=False)
     assert len(ds.labels_train) == 30
 
 
@@ -122,7 +124,7 @@ def test_cifar10_equals_torchvision_item_by_item(cifar10_path, monkeypatch):
     pytest.importorskip("torchvision")
     import torchvision.datasets.cifar as tv_cifar
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)  # fixture files have other md5s
-    ds = get_dataset("CIFAR10", cifar10_path, download=False)
+    ds = load_dataset("CIFAR10", cifar10_path, download=False)
     check_layout(ds, "CIFAR10", 200, 100)
     assert ds.class_names[:2] == ["airplane", "automobile"]
     for train, images, labels in ((True, ds.images_train, ds.labels_train), (False, ds.images_test, ds.labels_test)):
@@ -133,27 +135,27 @@ def test_cifar10_equals_torchvision_item_by_item(cifar10_path, monkeypatch):
 
 
 def test_cifar10_archive_only_is_extracted(tmp_path):
-    folder_ds = get_dataset("CIFAR10", write_cifar10(tmp_path / "a", 2, 1), download=False)
+    folder_ds = load_dataset("CIFAR10", write_cifar10(tmp_path / "a", 2, 1), download=False)
     archive_path = write_cifar10(tmp_path / "b", 2, 1, archive=True)
     assert not os.path.exists(os.path.join(archive_path, "cifar-10-batches-py"))
-    ds = get_dataset("CIFAR10", archive_path, download=False)
+    ds = load_dataset("CIFAR10", archive_path, download=False)
     assert os.path.isfile(os.path.join(archive_path, "cifar-10-batches-py", "data_batch_5"))
     assert torch.equal(ds.images_train, folder_ds.images_train) and torch.equal(ds.labels_test, folder_ds.labels_test)
 
 
 def test_cifar100_fine_labels_and_archive(cifar100_path, tmp_path):
-    ds = get_dataset("CIFAR100", cifar100_path, download=False)
+    ds = load_dataset("CIFAR100", cifar100_path, download=False)
     check_layout(ds, "CIFAR100", 200, 100)
     assert ds.num_classes == 100 and ds.class_names[99] == "fine_99"
     (x_tr, y_tr), _ = make_split(100, 2, 1, 3, 32)
     assert torch.equal(ds.labels_train, torch.from_numpy(y_tr))
     torch.testing.assert_close(ds.images_train, expected_normalised(x_tr, "CIFAR100"), rtol=0, atol=1e-5)
-    from_archive = get_dataset("CIFAR100", write_cifar100(tmp_path / "arch", archive=True), download=False)
+    from_archive = load_dataset("CIFAR100", write_cifar100(tmp_path / "arch", archive=True), download=False)
     assert torch.equal(from_archive.images_test, ds.images_test)
 
 
 def test_svhn_label_10_is_zero_and_equals_torchvision(svhn_path, monkeypatch):
-    ds = get_dataset("SVHN", svhn_path, download=False)
+    ds = load_dataset("SVHN", svhn_path, download=False)
     check_layout(ds, "SVHN", 200, 100)
     assert ds.class_names == [str(d) for d in range(10)]
     (x_tr, y_tr), _ = make_split(10, 20, 10, 3, 32)
@@ -169,7 +171,7 @@ def test_svhn_label_10_is_zero_and_equals_torchvision(svhn_path, monkeypatch):
 def test_tiny_imagenet_folder_is_converted_once(tiny_imagenet_folder_path, monkeypatch):
     from PIL import Image
     data_path = tiny_imagenet_folder_path
-    ds = get_dataset("TinyImageNet", data_path, download=False)
+    ds = load_dataset("TinyImageNet", data_path, download=False)
     check_layout(ds, "TinyImageNet", 12, 6)
     assert ds.num_classes == 3 and ds.class_names == [f"thing {i}, object {i}" for i in range(3)]
     pt_path = os.path.join(data_path, "tinyimagenet.pt")
@@ -194,24 +196,24 @@ def test_tiny_imagenet_folder_is_converted_once(tiny_imagenet_folder_path, monke
 
     def must_not_rebuild(*args, **kwargs):
         raise AssertionError("tinyimagenet.pt was rebuilt")
-    monkeypatch.setattr(utils, "build_tiny_imagenet_file", must_not_rebuild)
+    monkeypatch.setattr(data_module, "build_tiny_imagenet_file", must_not_rebuild)
     mtime = os.path.getmtime(pt_path)
-    again = get_dataset("TinyImageNet", data_path, download=False)
+    again = load_dataset("TinyImageNet", data_path, download=False)
     assert os.path.getmtime(pt_path) == mtime
     assert torch.equal(again.images_train, ds.images_train) and torch.equal(again.labels_test, ds.labels_test)
 
 
 def test_tiny_imagenet_without_words_uses_wnids(tmp_path):
-    ds = get_dataset("TinyImageNet", write_tiny_imagenet_folder(tmp_path, 2, 1, 1, words=False), download=False)
+    ds = load_dataset("TinyImageNet", write_tiny_imagenet_folder(tmp_path, 2, 1, 1, words=False), download=False)
     assert ds.class_names == tiny_wnids(2)
 
 
 def test_tiny_imagenet_pt_file(tmp_path):
     images, labels = make_class_images(4, 3, 3, 64, seed=3)
-    utils.save_torch_file_atomic({"classes": ["a", "b", "c", "d"], "images_train": torch.from_numpy(images),
+    base.save_torch_file_atomic({"classes": ["a", "b", "c", "d"], "images_train": torch.from_numpy(images),
                                   "labels_train": torch.from_numpy(labels), "images_val": torch.from_numpy(images[:5]),
                                   "labels_val": torch.from_numpy(labels[:5])}, tmp_path / "tinyimagenet.pt")
-    ds = get_dataset("TinyImageNet", tmp_path, download=False)
+    ds = load_dataset("TinyImageNet", tmp_path, download=False)
     check_layout(ds, "TinyImageNet", 12, 5)
     assert ds.class_names == ["a", "b", "c", "d"]
     torch.testing.assert_close(ds.images_train, expected_normalised(images, "TinyImageNet"), rtol=0, atol=1e-5)
@@ -224,21 +226,21 @@ MISSING_HINTS = {"MNIST": "MNIST/raw", "FashionMNIST": "dataset-fashion-mnist", 
 
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_missing_data_offline_is_a_one_line_user_error(name, tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "FASHION_MNIST_SYSTEM_DIRS", [str(tmp_path / "no_system_copy")])
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIRS", [str(tmp_path / "no_system_copy")])
     calls = []
 
     def no_network(*args):
         calls.append(args)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution\nsecond line")
-    monkeypatch.setattr(utils, "_download_with_torchvision", no_network)
+    monkeypatch.setattr(data_module, "_download_with_torchvision", no_network)
 
     with pytest.raises(UserError) as excinfo:
-        get_dataset(name, tmp_path / "data", download=False)
+        load_dataset(name, tmp_path / "data", download=False)
     assert_one_line_user_error(excinfo, name, tmp_path / "data", MISSING_HINTS[name])
     assert not calls  # download=False never touches the network
 
     with pytest.raises(UserError) as excinfo:
-        get_dataset(name, tmp_path / "data", download=True)
+        load_dataset(name, tmp_path / "data", download=True)
     assert_one_line_user_error(excinfo, name, tmp_path / "data", MISSING_HINTS[name])
     if name != "TinyImageNet":  # torchvision cannot download TinyImageNet
         assert calls and "download failed" in str(excinfo.value)
@@ -247,8 +249,8 @@ def test_missing_data_offline_is_a_one_line_user_error(name, tmp_path, monkeypat
 def test_successful_download_is_then_parsed(tmp_path, monkeypatch):
     def fake_download(name, data_path):  # stands in for torchvision writing its usual layout
         write_cifar10(data_path, 1, 1, archive=True)
-    monkeypatch.setattr(utils, "_download_with_torchvision", fake_download)
-    ds = get_dataset("CIFAR10", tmp_path, download=True)
+    monkeypatch.setattr(data_module, "_download_with_torchvision", fake_download)
+    ds = load_dataset("CIFAR10", tmp_path, download=True)
     assert len(ds.labels_train) == 10 and len(ds.labels_test) == 10
 
 
@@ -257,12 +259,12 @@ def test_corrupt_idx_file_is_a_user_error(tmp_path):
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UserError) as excinfo:
-        get_dataset("MNIST", tmp_path, download=False)
+        load_dataset("MNIST", tmp_path, download=False)
     assert_one_line_user_error(excinfo, str(path))
 
 
 def test_dataset_to_device_and_name_lookup(mnist_path):
-    ds = get_dataset("mnist", mnist_path, download=False)  # case-insensitive, canonical name kept
+    ds = load_dataset("mnist", mnist_path, download=False)  # case-insensitive, canonical name kept
     assert ds.name == "MNIST"
     moved = ds.to("meta")  # a device that exists everywhere; shows every tensor is moved
     assert moved.images_train.device.type == "meta" and moved.labels_test.device.type == "meta"
@@ -275,27 +277,27 @@ def test_dataset_to_device_and_name_lookup(mnist_path):
 
 def test_unknown_dataset_name_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="ImageNet1k.*CIFAR10"):
-        get_dataset("ImageNet1k", tmp_path)
+        load_dataset("ImageNet1k", tmp_path)
 
 
 def test_torch_file_helpers(tmp_path):
     res = {"data": [[torch.randn(2, 3, 4, 4), torch.tensor([0, 1])]], "accs_all_exps": {"ConvNet": [0.5, 0.25]}}
     path = tmp_path / "sub" / "res_DC_MNIST_ConvNet_1ipc.pt"
-    utils.save_torch_file_atomic(res, path)
-    loaded = utils.load_torch_file(path, "synthetic set")
+    base.save_torch_file_atomic(res, path)
+    loaded = base.load_torch_file(path, "synthetic set")
     assert torch.equal(loaded["data"][0][0], res["data"][0][0]) and loaded["accs_all_exps"] == res["accs_all_exps"]
 
-    utils.write_text_atomic(tmp_path / "a" / "b" / "log.txt", "hello\n")
+    base.write_text_atomic(tmp_path / "a" / "b" / "log.txt", "hello\n")
     assert (tmp_path / "a" / "b" / "log.txt").read_text() == "hello\n"
     assert not [p for p in tmp_path.rglob("*.tmp")]
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x80\x02 definitely not a torch file")
     with pytest.raises(UserError) as excinfo:
-        utils.load_torch_file(corrupt, "synthetic set")
+        base.load_torch_file(corrupt, "synthetic set")
     assert_one_line_user_error(excinfo, corrupt, "synthetic set")
     with pytest.raises(UserError) as excinfo:
-        utils.load_torch_file(tmp_path / "missing.pt", "memory file")
+        base.load_torch_file(tmp_path / "missing.pt", "memory file")
     assert_one_line_user_error(excinfo, tmp_path / "missing.pt", "memory file")
 
 
@@ -321,7 +323,7 @@ def test_fixture_images_are_learnable():
 
 @pytest.mark.skipif(not os.path.isdir(REAL_FASHION_DIR), reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_debian_package(tmp_path):
-    ds = get_dataset("FashionMNIST", tmp_path, download=False)  # empty data_path -> system copy
+    ds = load_dataset("FashionMNIST", tmp_path, download=False)  # empty data_path -> system copy
     check_layout(ds, "FashionMNIST", 60000, 10000)
     assert torch.equal(torch.bincount(ds.labels_train), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(ds.labels_test), torch.full((10,), 1000))

@@ -9,6 +9,8 @@ import torch
 
 import main
 import main_DM
+import base
+import experiment
 import utils
 from conftest import write_cifar10, write_mnist
 
@@ -24,7 +26,7 @@ def run_main(module, data_path, save_path, *flags):
 
 
 def check_published_structure(path, num_exp, n_images, shape):
-    res = utils.load_torch_file(path, 'result')
+    res = base.load_torch_file(path, 'result')
     assert set(res) >= {'data', 'accs_all_exps'}
     assert len(res['data']) == num_exp
     for images, labels in res['data']:
@@ -111,7 +113,7 @@ def test_seed_determinism(mnist_dir, tmp_path):
     run_main(main, mnist_dir, tmp_path / 'a', *flags)
     run_main(main, mnist_dir, tmp_path / 'b', *flags)
     run_main(main, mnist_dir, tmp_path / 'c', *flags[:-1], '8')
-    load = lambda d: utils.load_torch_file(tmp_path / d / 'res_DSA_MNIST_ConvNet_1ipc.pt', 'r')
+    load = lambda d: base.load_torch_file(tmp_path / d / 'res_DSA_MNIST_ConvNet_1ipc.pt', 'r')
     a, b, c = load('a'), load('b'), load('c')
     assert torch.equal(a['data'][0][0], b['data'][0][0])
     assert a['accs_all_exps'] == b['accs_all_exps']
@@ -144,8 +146,8 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path, monkeypatch, module, m
     assert (tmp_path / 'cut' / f'ckpt_{stem}.pt').exists()
     run_main(module, mnist_dir, tmp_path / 'cut', *flags, '--resume')
 
-    full = utils.load_torch_file(tmp_path / 'full' / f'res_{stem}.pt', 'r')
-    cut = utils.load_torch_file(tmp_path / 'cut' / f'res_{stem}.pt', 'r')
+    full = base.load_torch_file(tmp_path / 'full' / f'res_{stem}.pt', 'r')
+    cut = base.load_torch_file(tmp_path / 'cut' / f'res_{stem}.pt', 'r')
     for (img_f, lab_f), (img_c, lab_c) in zip(full['data'], cut['data']):
         assert torch.equal(img_f, img_c) and torch.equal(lab_f, lab_c)
     assert full['accs_all_exps'] == cut['accs_all_exps']
@@ -156,7 +158,7 @@ def test_load_syn_round_trip(mnist_dir, tmp_path):
     run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '1', '--no_vis', '--num_exp', '2')
     res_file = tmp_path / 'res_DC_MNIST_ConvNet_1ipc.pt'
     # a published file holds exactly 'data' and 'accs_all_exps'
-    res = utils.load_torch_file(res_file, 'r')
+    res = base.load_torch_file(res_file, 'r')
     published = tmp_path / 'published.pt'
     torch.save({'data': res['data'], 'accs_all_exps': res['accs_all_exps']}, published)
     summary = run_main(main, mnist_dir, tmp_path / 'eval', '--load_syn', str(published), '--eval_mode', 'S')
@@ -195,7 +197,7 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, script, flags, message):
 def test_missing_data_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, '_download_with_torchvision', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
     with pytest.raises(SystemExit) as e:
-        utils.cli(lambda: main.main(['--dataset', 'CIFAR10', '--data_path', str(tmp_path), '--device', 'cpu']))
+        experiment.cli(lambda: main.main(['--dataset', 'CIFAR10', '--data_path', str(tmp_path), '--device', 'cpu']))
     assert e.value.code == 2
 
 
@@ -212,7 +214,7 @@ def test_load_syn_rejects_unreadable_and_wrong_structure(mnist_dir, tmp_path):
 
 def test_nan_loss_stops_with_clear_error(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(utils, 'dc_iteration', lambda *a, **k: torch.tensor(float('nan')))
-    with pytest.raises(utils.UserError, match='iteration 0.*lower --lr_img'):
+    with pytest.raises(base.UserError, match='iteration 0.*lower --lr_img'):
         run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '3', '--no_vis')
 
 

@@ -2,12 +2,17 @@
 equals one-by-one evaluation, batched per-class gradients equal the per-class loop, the hand-written SGD step equals
 torch.optim.SGD, and the opt-in speed flags (channels_last, bf16, compile) take effect where documented."""
 import argparse
+import dataclasses
 import types
 
 import pytest
 import torch
 
+import base
+import experiment
+import training
 import utils
+from data import load_dataset
 from augment import ParamDiffAug
 from conftest import write_mnist
 from networks import get_network
@@ -28,7 +33,7 @@ def one_thread():
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp('mnist')
     write_mnist(path, train_per_class=6, test_per_class=8)
-    return utils.get_dataset('MNIST', str(path), download=False)
+    return load_dataset('MNIST', str(path), download=False)
 
 
 def eval_args(**kw):
@@ -46,7 +51,7 @@ def small_set(data, per_class=2):
 
 def nets_and_randoms(model, data, k, seed=0):
     torch.manual_seed(seed)
-    rands = utils.net_randoms(k, 'cpu')
+    rands = training.net_randoms(k, 'cpu')
     nets = [get_network(model, data.channel, data.num_classes, data.im_size, device='cpu') for _ in range(k)]
     return nets, rands
 
@@ -57,18 +62,18 @@ def nets_and_randoms(model, data, k, seed=0):
 @pytest.mark.parametrize('method,dsa', [('DSA', DSA), ('DC', 'None')])  # DC on MNIST: DC augmentation crop_scale_rotate
 def test_batched_training_equals_one_by_one(data, model, method, dsa):
     images, labels = small_set(data, 1)  # 10 images, batch 4: three batches per epoch, the last one smaller
-    dsa_strategy, dc_strategy, _ = utils.eval_settings(method, 'MNIST', model, dsa)
+    dsa_strategy, dc_strategy, _ = training.eval_settings(method, 'MNIST', model, dsa)
     assert (dsa_strategy is None) == (method == 'DC') and (dc_strategy is None) == (method == 'DSA')
     # 3 epochs: the lr restart after epoch 3 // 2 + 1 = 2 is exercised by epoch 3
     common = (images, labels, data.images_test, data.labels_test, 3, 0.01, 4, dsa_strategy, dc_strategy, ParamDiffAug())
 
     initial = [flat(net) for net in nets_and_randoms(model, data, 3)[0]]
     loop_nets, rands = nets_and_randoms(model, data, 3)
-    loop_accs = [utils.train_and_test(net, *common, rand=r) for net, r in zip(loop_nets, rands)]
+    loop_accs = [training.train_and_test(net, *common, rand=r) for net, r in zip(loop_nets, rands)]
     batch_nets, rands = nets_and_randoms(model, data, 3)
-    batch_accs = utils.train_and_test_batched(batch_nets, rands, *common)
+    batch_accs = training.train_and_test_batched(batch_nets, rands, *common)
     swapped_nets, rands = nets_and_randoms(model, data, 2)
-    utils.train_and_test_batched(swapped_nets, rands[::-1], *common)  # network 0 trained with network 1's draws
+    training.train_and_test_batched(swapped_nets, rands[::-1], *common)  # network 0 trained with network 1's draws
 
     assert batch_accs == pytest.approx(loop_accs, abs=1.01 / len(data.labels_test))
     # Same training trajectories: the weights differ by a tiny fraction of how far training moved them (rounding
@@ -89,14 +94,14 @@ def flat(net):
 def test_evaluate_models_flag_does_not_change_accuracies(data, model, method, monkeypatch):
     images, labels = small_set(data)
     calls = []
-    batched_fn = utils.train_and_test_batched
+    batched_fn = training.train_and_test_batched
     monkeypatch.setattr(utils, 'train_and_test_batched', lambda *a, **k: calls.append(len(a[0])) or batched_fn(*a, **k))
     monkeypatch.setattr(utils, 'BATCHED_EVAL_PIXELS', 2 * 8 * 28 * 28)  # groups of 2 networks: 2 + 2 + 1 (loop)
     results = {}
     for flag in ('0', '1'):
-        utils.set_seed(3)
+        base.set_seed(3)
         args = eval_args(method=method, eval_batched=flag)
-        results[flag] = utils.evaluate_models(images, labels, data, args, model, 5)
+        results[flag] = training.evaluate_models(images, labels, data, args, model, 5)
         after = torch.rand(1)  # both paths leave the global RNG in the same state
         results[flag + 'rng'] = after
     assert calls == [2, 2]
@@ -113,14 +118,14 @@ def test_batchnorm_models_and_module_flags_fall_back_to_the_loop(data, monkeypat
 
     monkeypatch.setattr(utils, 'train_and_test_batched', refuse)
     args = eval_args(eval_batched='1', epoch_eval_train=1)
-    assert len(utils.evaluate_models(images, labels, data, args, 'ConvNetBN', 2)) == 2
-    assert len(utils.evaluate_models(images, labels, data, eval_args(eval_batched='1', epoch_eval_train=1,
+    assert len(training.evaluate_models(images, labels, data, args, 'ConvNetBN', 2)) == 2
+    assert len(training.evaluate_models(images, labels, data, eval_args(eval_batched='1', epoch_eval_train=1,
                                                                      channels_last=True), 'MLP', 2)) == 2
     with pytest.raises(AssertionError, match='batched evaluation used'):
-        utils.evaluate_models(images, labels, data, args, 'MLP', 2)
+        training.evaluate_models(images, labels, data, args, 'MLP', 2)
     # auto: batched only on a GPU
-    assert utils.flag_on('auto', 'cpu') is False and utils.flag_on('auto', 'cuda') is True
-    assert utils.flag_on('1', 'cpu') is True and utils.flag_on('0', 'cuda') is False
+    assert training.flag_on('auto', 'cpu') is False and training.flag_on('auto', 'cuda') is True
+    assert training.flag_on('1', 'cpu') is True and training.flag_on('0', 'cuda') is False
 
 
 def test_sgd_step_equals_torch_optim_sgd():
@@ -139,7 +144,7 @@ def test_sgd_step_equals_torch_optim_sgd():
         for p, g in zip(p_ref, grads):
             p.grad = g.clone()
         opt.step()
-        utils.sgd_step_(p_own, grads, buffers, lr)
+        training.sgd_step_(p_own, grads, buffers, lr)
         for a, b in zip(p_ref, p_own):
             assert torch.equal(a, b)
 
@@ -151,7 +156,7 @@ def test_sgd_step_equals_torch_optim_sgd():
 def test_batched_class_gradients_equal_the_loop(data, metric, dsa):
     # in float64: in float32 a ReLU input within rounding of zero can flip between the two paths for some
     # initialisations, which changes a few gradient entries by up to 1e-2 relative; in float64 they agree to 1e-15
-    data64 = utils.dataclasses.replace(data, images_train=data.images_train.double())
+    data64 = dataclasses.replace(data, images_train=data.images_train.double())
     net = get_network('ConvNet', data.channel, data.num_classes, data.im_size, device='cpu').double()
     classes = list(range(data.num_classes))
     results = []
@@ -172,7 +177,7 @@ def test_batched_classes_fall_back_when_real_batches_differ(data, monkeypatch):
     # class 3 has only 3 training images, fewer than batch_real: real batches differ in size
     small = data.indices_class[3][:3]
     indices = [small if c == 3 else idx for c, idx in enumerate(data.indices_class)]
-    uneven = utils.dataclasses.replace(data, indices_class=indices)
+    uneven = dataclasses.replace(data, indices_class=indices)
     monkeypatch.setattr(utils, 'class_gradients', lambda *a, **k: pytest.fail('vmap path with uneven batches'))
     net = get_network('MLP', data.channel, data.num_classes, data.im_size, device='cpu')
     results = []
@@ -191,7 +196,7 @@ def test_dc_iteration_flag_does_not_change_the_synthetic_set(data, monkeypatch):
     for flag in ('0', '1'):
         args = argparse.Namespace(method='DSA', model='ConvNet', dsa_strategy=DSA, dsa_param=ParamDiffAug(),
                                   lr_net=0.01, batch_real=4, batch_train=8, dis_metric='ours', batched_classes=flag)
-        utils.set_seed(0)
+        base.set_seed(0)
         image_syn, label_syn = utils.init_synthetic_set(data, 2, 'real', 'cpu')
         opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
         loss = utils.dc_iteration(image_syn, label_syn, opt, data, args, list(range(10)), 2, 1)
@@ -203,7 +208,7 @@ def test_dc_iteration_flag_does_not_change_the_synthetic_set(data, monkeypatch):
 # ---------------------------------------------------------------------------------------------- flags, host syncs
 
 def test_speed_flags_parse_with_defaults_off():
-    parser = utils.add_common_args(argparse.ArgumentParser())
+    parser = experiment.add_common_args(argparse.ArgumentParser())
     args = parser.parse_args([])
     assert (args.eval_batched, args.batched_classes) == ('auto', 'auto')
     assert not (args.channels_last or args.bf16 or args.compile)
@@ -221,7 +226,7 @@ def test_channels_last_and_bf16_take_effect(data):
     second_conv = net.features[4]  # 128 input channels: channels_last is a real layout change there
     second_conv.register_forward_hook(lambda m, i, o: layouts.append(
         (i[0].is_contiguous(memory_format=torch.channels_last), i[0].is_contiguous())))
-    utils.train_and_test(net, images, labels, data.images_test, data.labels_test, 1, 0.01, 8, DSA, None,
+    training.train_and_test(net, images, labels, data.images_test, data.labels_test, 1, 0.01, 8, DSA, None,
                          ParamDiffAug(), bf16=True, channels_last=True)
     assert second_conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert layouts and set(layouts) == {(True, False)}  # training and test forwards
@@ -230,7 +235,7 @@ def test_channels_last_and_bf16_take_effect(data):
     nets, rands = nets_and_randoms('MLP', data, 2)
     dtypes = []
     nets[0].fc_3.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-    utils.train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test, 1, 0.01, 8,
+    training.train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test, 1, 0.01, 8,
                                  bf16=True)
     assert dtypes and set(dtypes) == {torch.bfloat16}
 
@@ -244,19 +249,19 @@ def test_compile_flag_takes_effect_and_fails_soft(data, monkeypatch, capsys):
 
     monkeypatch.setattr(torch, 'compile', fake_compile)
     args = eval_args(compile=True, epoch_eval_train=1, eval_batched='1')
-    utils.set_seed(0)
-    accs = utils.evaluate_models(images, labels, data, args, 'MLP', 2)
+    base.set_seed(0)
+    accs = training.evaluate_models(images, labels, data, args, 'MLP', 2)
     assert len(calls) > 0  # every training and test forward went through the compiled callable
-    utils.set_seed(0)
-    assert accs == utils.evaluate_models(images, labels, data, eval_args(epoch_eval_train=1), 'MLP', 2)
+    base.set_seed(0)
+    assert accs == training.evaluate_models(images, labels, data, eval_args(epoch_eval_train=1), 'MLP', 2)
 
     def broken_compile(net):
         return lambda x: (_ for _ in ()).throw(RuntimeError('no C++ compiler\nfound'))
 
     monkeypatch.setattr(torch, 'compile', broken_compile)
     monkeypatch.setattr(utils, 'COMPILE_ERROR', None)
-    utils.set_seed(0)
-    assert utils.evaluate_models(images, labels, data, args, 'MLP', 2) == accs  # eager after the failure
+    base.set_seed(0)
+    assert training.evaluate_models(images, labels, data, args, 'MLP', 2) == accs  # eager after the failure
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'torch.compile is unavailable' in err[0] and 'no C++ compiler found' in err[0]
 
@@ -267,24 +272,24 @@ def test_no_host_sync_inside_the_batch_loops(data, monkeypatch):
     item = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, 'item', lambda self: count.append(1) or item(self))
     nets, rands = nets_and_randoms('ConvNet', data, 2)
-    utils.train_and_test(nets[0], images, labels, data.images_test, data.labels_test, 3, 0.01, 8, DSA, None,
+    training.train_and_test(nets[0], images, labels, data.images_test, data.labels_test, 3, 0.01, 8, DSA, None,
                          ParamDiffAug(), rand=rands[0])
     assert len(count) == 1  # the final accuracy only
     count.clear()
-    utils.train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test, 3, 0.01, 8, DSA)
+    training.train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test, 3, 0.01, 8, DSA)
     assert len(count) == 0
 
 
 def test_cpu_chunk_size():
     convnet = get_network('ConvNet', 1, 10, (28, 28), device='cpu')
     x = torch.zeros(2, 1, 28, 28)
-    assert utils.cpu_chunk_size(convnet, x) == utils.CPU_CHUNK_FLOATS // (128 * 28 * 28) == 20
-    assert utils.cpu_chunk_size(get_network('ConvNetD4', 3, 200, (64, 64), device='cpu'), torch.zeros(1, 3, 64, 64)) == 4
-    assert utils.cpu_chunk_size(convnet, x.to('meta')) is None  # not on the CPU: one batch
-    assert utils.cpu_chunk_size(get_network('MLP', 1, 10, (28, 28), device='cpu'), x) is None
+    assert training.cpu_chunk_size(convnet, x) == training.CPU_CHUNK_FLOATS // (128 * 28 * 28) == 20
+    assert training.cpu_chunk_size(get_network('ConvNetD4', 3, 200, (64, 64), device='cpu'), torch.zeros(1, 3, 64, 64)) == 4
+    assert training.cpu_chunk_size(convnet, x.to('meta')) is None  # not on the CPU: one batch
+    assert training.cpu_chunk_size(get_network('MLP', 1, 10, (28, 28), device='cpu'), x) is None
     bn = get_network('ConvNetBN', 1, 10, (28, 28), device='cpu')
-    assert utils.cpu_chunk_size(bn.train(), x) is None  # batch statistics: chunks would change them
-    assert utils.cpu_chunk_size(bn.eval(), x) == 20
+    assert training.cpu_chunk_size(bn.train(), x) is None  # batch statistics: chunks would change them
+    assert training.cpu_chunk_size(bn.eval(), x) == 20
 
 
 def test_cpu_chunks_give_the_results_of_whole_batches(data, monkeypatch):
@@ -296,17 +301,17 @@ def test_cpu_chunks_give_the_results_of_whole_batches(data, monkeypatch):
     for floats, name in ((3 * 128 * 28 * 28, 'chunks of 3'), (10**12, 'whole')):
         monkeypatch.setattr(utils, 'CPU_CHUNK_FLOATS', floats)
         syn = images[:7].clone().requires_grad_(True)
-        grads = utils.mean_loss_grads(net, params, syn, labels[:7], create_graph=True)
+        grads = training.mean_loss_grads(net, params, syn, labels[:7], create_graph=True)
         sum(g.pow(2).sum() for g in grads).backward()  # the matching loss's path back into the images
         net.zero_grad()
-        logits = utils.backward_mean_loss(net, images, labels)
+        logits = training.backward_mean_loss(net, images, labels)
         results[name] = ([g.detach() for g in grads], syn.grad, [p.grad.clone() for p in params], logits,
-                         utils.embed_chunked(net, images), utils.test_accuracy(net, images, labels))
+                         training.embed_chunked(net, images), training.test_accuracy(net, images, labels))
     calls = []
     net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    utils.test_accuracy(net, images, labels)
+    training.test_accuracy(net, images, labels)
     monkeypatch.setattr(utils, 'CPU_CHUNK_FLOATS', 3 * 128 * 28 * 28)
-    utils.test_accuracy(net, images, labels)
+    training.test_accuracy(net, images, labels)
     assert calls == [23] + [3] * 7 + [2]
     chunked, whole = results['chunks of 3'], results['whole']
     for a, b in zip(chunked, whole):

@@ -1,0 +1,174 @@
+"""What every layer needs: the user-facing error type, atomic file writing, safe loading of torch files,
+devices, global seeding and logging. Imports nothing of the project, so every module can import it."""
+import json
+import os
+import pickle
+import random
+import re
+import tempfile
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """An error caused by the user's input or environment (missing data, unreadable file).
+
+    The CLI scripts catch it and print only its message, so the message is forced onto a single
+    line: it must say what is wrong and how to fix it.
+    """
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
+
+
+def short_error(exc, limit=200):
+    """One-line description of an exception, for embedding in a UserError message."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _atomic_write(path, write_fn, mode):
+    """Write through write_fn(file) into a temp file next to `path`, then rename it over `path`.
+
+    The rename is atomic on POSIX, so an interrupted run never leaves a truncated file behind
+    that a later run would mistake for a finished one.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def save_torch_file_atomic(obj, path):
+    """torch.save(obj) to `path` atomically (temp file in the same directory + os.replace)."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def write_text_atomic(path, text):
+    """Write the string `text` to `path` atomically, creating parent directories."""
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + '\n')
+
+
+def _numpy_plain_globals():
+    """(object, name) pairs of the numpy globals that result files of the original code hold: its accuracies are
+    numpy.float64 scalars (np.sum(...) / n), pickled as numpy's scalar() of a dtype. Both module paths are listed:
+    numpy 1 wrote numpy.core.multiarray, numpy 2 writes numpy._core.multiarray."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    pairs = [(scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar'), (np.dtype, 'numpy.dtype')]
+    dtypes = getattr(np, 'dtypes', None)  # numpy >= 1.25: one class per dtype
+    if dtypes is not None:
+        pairs += [(getattr(dtypes, name), f'numpy.dtypes.{name}') for name in dir(dtypes) if name.endswith('DType')]
+    return pairs
+
+
+def _unsafe_global(exc):
+    """The global a weights-only load refused (e.g. '__main__.Foo'), or None when the failure was something else."""
+    match = re.search(r'GLOBAL ([\w.]+)', str(exc))
+    return match.group(1) if match and isinstance(exc, pickle.UnpicklingError) else None
+
+
+def load_torch_file(path, what, unsafe=False):
+    """torch.load a user-supplied file onto the CPU, safely: weights-only unpickling (tensors, containers, numbers,
+    strings) plus an allowlist of numpy scalars and dtypes, in the zip and in the legacy (torch < 1.6) format.
+    unsafe=True (--unsafe_load) loads anything, executing what the file asks: only for files the user trusts.
+
+    Every failure is a one-line UserError that says which it is: a missing file, a file that is not a torch file or
+    is truncated, or a readable file that needs a Python global beyond the allowlist (named, with the flag)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"Cannot load the {what}: file {path} does not exist; check the path (or create the file first).")
+    try:
+        if unsafe:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_plain_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        needed = _unsafe_global(e)
+        if unsafe and isinstance(e, (AttributeError, ImportError)):  # the file's objects need code we do not have
+            raise UserError(f"Cannot load the {what} from {path}: it holds Python objects whose code is not "
+                            f"available here ({short_error(e)}).") from e
+        if needed is not None:
+            raise UserError(
+                f"Cannot load the {what} from {path} safely: it holds the Python object '{needed}', which is not plain "
+                f"data (tensors, numbers, strings, numpy scalars); if you trust the file, rerun with --unsafe_load "
+                f"(only for files you trust: loading may run code from the file).") from e
+        raise UserError(
+            f"Cannot load the {what} from {path}: it is not a torch file or it is truncated or corrupt "
+            f"({short_error(e)}); re-create or re-download it.") from e
+
+
+def check_choice(value, choices, what):
+    if value not in choices:
+        raise ValueError(f"unknown {what} '{value}'; valid choices: {', '.join(map(str, choices))}")
+    return value
+
+
+def get_device(name=None):
+    """'cuda' when available, else 'cpu'; an explicit name is checked so a typo fails early."""
+    if name in (None, '', 'auto'):
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use cpu, cuda or cuda:N")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available on this machine; use --device cpu")
+    return str(device)
+
+
+def set_seed(seed):
+    """Seed python, numpy and torch (CPU and every CUDA device). The only place the project seeds."""
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def get_rng_state():
+    """The global RNG states (python, numpy, torch, CUDA) as tensors, ints and tuples: a checkpoint holding them
+    loads with weights-only unpickling."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'numpy': (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(cached)),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    python = state['python']
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def log(args, msg):
+    if not getattr(args, 'quiet', False):
+        tqdm.write(msg)

@@ -1,0 +1,205 @@
+"""Coreset baselines (random, herding, k-center, forgetting: ipc real training images per class) and the
+whole-dataset bound, evaluated by the experiment runner like DC sets."""
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed, short_error
+from data import check_ipc_fits
+from experiment import evaluate_pool
+from networks import get_network
+from results import report_results, result_stem, save_results
+from training import BASELINE_METHODS, backward_mean_loss, embed_chunked
+from utils import get_eval_pool
+
+SELECTION_METHODS = tuple(m for m in BASELINE_METHODS if m != 'whole')  # real-image coresets, ipc per class
+
+
+BASELINE_BATCH = 256  # batch of the feature / forgetting networks trained on the full set
+
+
+WHOLE_EPOCHS = 30  # --epoch_eval_train default of --method whole (a full pass is ~N/ipc times longer)
+
+
+def _check_pick_count(n, ipc):
+    if not 1 <= ipc <= n:
+        raise ValueError(f'cannot select {ipc} distinct examples out of {n}')
+
+
+def random_selection(n, ipc, device):
+    """ipc distinct positions out of n, uniformly at random (the DC paper's 'Random')."""
+    _check_pick_count(n, ipc)
+    return torch.randperm(n, device=device)[:ipc]
+
+
+def herding_selection(features, ipc):
+    """Greedy herding: each step adds the row that brings the mean of the selected rows closest to the mean of all
+    rows. features: (n, d). Returns ipc distinct positions in pick order."""
+    n = features.shape[0]
+    _check_pick_count(n, ipc)
+    target = features.mean(0)
+    total = torch.zeros_like(target)
+    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
+    picks = []
+    for t in range(1, ipc + 1):
+        # squared distance to the target of the mean after adding each candidate, all candidates at once
+        dist = ((total + features) / t - target).pow(2).sum(1).masked_fill(taken, float('inf'))
+        i = torch.argmin(dist)
+        picks.append(i)
+        taken[i] = True
+        total = total + features[i]
+    return torch.stack(picks)
+
+
+def _distances_to(features, point):
+    # the direct formula, not the matmul expansion: exact, so hand-made ties and zeros stay exact
+    return torch.cdist(features, point.unsqueeze(0), compute_mode='donot_use_mm_for_euclid_dist').squeeze(1)
+
+
+def kcenter_selection(features, ipc):
+    """Greedy k-center (farthest-point) selection: start from the row closest to the mean, then repeatedly add
+    the row farthest from everything selected so far. features: (n, d). Returns ipc distinct positions in pick order."""
+    _check_pick_count(features.shape[0], ipc)
+    first = torch.argmin(_distances_to(features, features.mean(0)))
+    min_dist = _distances_to(features, features[first])
+    taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    taken[first] = True
+    picks = [first]
+    for _ in range(ipc - 1):
+        i = torch.argmax(min_dist.masked_fill(taken, -1.0))  # -1: duplicates at distance 0 are still pickable
+        picks.append(i)
+        taken[i] = True
+        min_dist = torch.minimum(min_dist, _distances_to(features, features[i]))
+    return torch.stack(picks)
+
+
+def forgetting_counts(correct_history):
+    """Forgetting events per example: how often it goes from correctly classified at one epoch to incorrectly
+    classified at the next. correct_history: (epochs, N) bool. Returns (N,) int64."""
+    h = torch.as_tensor(correct_history, dtype=torch.bool)
+    return (h[:-1] & ~h[1:]).sum(0, dtype=torch.long)
+
+
+def forgetting_selection(counts, ipc):
+    """The ipc most-forgotten positions; ties broken at random (a random order, then a stable sort by count)."""
+    _check_pick_count(counts.numel(), ipc)
+    perm = torch.randperm(counts.numel(), device=counts.device)
+    order = torch.argsort(counts[perm], descending=True, stable=True)
+    return perm[order[:ipc]]
+
+
+def train_full_set(net, data, epochs, lr, batch_size=BASELINE_BATCH, desc='train', quiet=False):
+    """Plain SGD (momentum 0.9, wd 5e-4, no augmentation) on the whole training set.
+
+    Returns the (epochs, N) bool record of whether each example was classified correctly in its own training
+    forward pass of each epoch; it stays on the device."""
+    images, labels = data.images_train, data.labels_train
+    n = labels.shape[0]
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    correct = torch.zeros(epochs, n, dtype=torch.bool, device=labels.device)
+    net.train()
+    for ep in tqdm(range(epochs), desc=desc, leave=False, disable=quiet):
+        order = torch.randperm(n, device=labels.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            out = backward_mean_loss(net, images[idx], labels[idx])
+            optimizer.step()
+            correct[ep, idx] = out.argmax(1) == labels[idx]
+    return correct
+
+
+def _forked_rng(device):
+    """Context in which the global torch RNG may be reseeded: the CPU and CUDA states are restored on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.device(device).type == 'cuda' else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def featnet_path(args, dataset, seed):
+    return os.path.join(args.save_path, f'featnet_{dataset}_{args.model}_{args.feat_epochs}ep_seed{seed}.pt')
+
+
+def feature_net(data, args, seed):
+    """A --model network trained on the full training set for --feat_epochs epochs, in eval mode.
+
+    Cached as a state dict in save_path (featnet_{dataset}_{model}_{epochs}ep_seed{seed}.pt) and reused by the
+    herding and k-center runs. It is built and trained from torch seed `seed` inside a forked RNG, so the
+    network depends only on its file name and the caller's random stream is the same whether or not the cache
+    existed (delete the file after changing --lr_net or the data)."""
+    path = featnet_path(args, data.name, seed)
+    with _forked_rng(args.device):
+        torch.manual_seed(seed)
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+        if os.path.isfile(path):
+            try:
+                net.load_state_dict(load_torch_file(path, 'cached feature network'))
+            except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"cached feature network {path} does not fit --model {args.model} on {data.name} "
+                                f"({short_error(e)}); delete it so it is retrained") from e
+            log(args, f'feature network loaded from {path}')
+        else:
+            log(args, f'training the feature network ({args.model}, {args.feat_epochs} epochs, seed {seed})')
+            train_full_set(net, data, args.feat_epochs, args.lr_net, desc='feature net', quiet=args.quiet)
+            save_torch_file_atomic({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
+    return net.eval()
+
+
+@torch.inference_mode()
+def embed_images(net, images, indices, batch_size=1024):
+    """net.embed of images[indices], in batches, on the images' device."""
+    return torch.cat([embed_chunked(net, images[indices[start:start + batch_size]])
+                      for start in range(0, indices.shape[0], batch_size)])
+
+
+def select_coreset(method, data, args, seed):
+    """Training-set indices of a coreset: args.ipc per class, classes in order. `seed` names the cached feature
+    network of herding/k-center; every other random choice comes from the global RNG (seeded by the caller)."""
+    check_choice(method, SELECTION_METHODS, 'coreset method')
+    check_ipc_fits(data, args.ipc)
+    net, counts = None, None
+    if method in ('herding', 'kcenter'):
+        net = feature_net(data, args, seed)
+    if method == 'forgetting':
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+        history = train_full_set(net, data, args.forget_epochs, args.lr_net, desc='forgetting', quiet=args.quiet)
+        counts = forgetting_counts(history)
+    picks = []
+    for c, idx in enumerate(data.indices_class):
+        if method == 'random':
+            pos = random_selection(idx.numel(), args.ipc, idx.device)
+        elif method == 'forgetting':
+            pos = forgetting_selection(counts[idx], args.ipc)
+        else:
+            features = embed_images(net, data.images_train, idx).float()
+            pos = (herding_selection if method == 'herding' else kcenter_selection)(features, args.ipc)
+        picks.append(idx[pos])
+    return torch.cat(picks)
+
+
+def coreset(method, data, args, seed):
+    """(images, labels) of a coreset: the dataset's own normalised tensors, ipc per class in class order."""
+    indices = select_coreset(method, data, args, seed)
+    return data.images_train[indices], data.labels_train[indices]
+
+
+def run_whole(args, data):
+    """The 'whole dataset' bound: each model of the eval pool trained num_eval times per experiment on the full
+    training set with the evaluation protocol (evaluate_pool), reported like run_experiments. res_whole_*.pt keeps
+    'accs_all_exps' and an empty 'data' (the set is the training set itself). Returns the summary dict."""
+    stem = result_stem(args.method, args.dataset, args.model, args.ipc)
+    res_path = os.path.join(args.save_path, f'res_{stem}.pt')
+    eval_pool = get_eval_pool(args.eval_mode, args.model)
+    accs_all_exps, history = {m: [] for m in eval_pool}, []
+    t_start = time.time()
+    for exp in range(args.num_exp):
+        set_seed(args.seed + exp)
+        log(args, f'================== Exp {exp} ==================')
+        accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole')
+        for m, a in accs.items():
+            accs_all_exps[m] += a
+            history.append({'exp': exp, 'iteration': 0, 'model': m, 'accs': a})
+        save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
+    return report_results(args, accs_all_exps, args.num_exp, os.path.join(args.save_path, f'res_{stem}.json'),
+                          t_start, history=history, res_file=res_path)
