@@ -14,6 +14,7 @@ import argparse
 import math
 import json
 import os
+import shlex
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -566,10 +567,10 @@ def latex_escape(text):
 
 
 def render_latex(table):
-    lines = [f'% {table.title}', r'\begin{tabular}{' + 'l' * len(table.header) + '}', r'\hline',
+    lines = [f'% {latex_escape(table.title)}', r'\begin{tabular}{' + 'l' * len(table.header) + '}', r'\hline',
              ' & '.join(latex_escape(h) for h in table.header) + r' \\', r'\hline']
     lines += [' & '.join(latex_escape(cell) for cell in row) + r' \\' for row in table.rows]
-    lines += [r'\hline', r'\end{tabular}'] + [f'% {note}' for note in table.notes]
+    lines += [r'\hline', r'\end{tabular}'] + [f'% {latex_escape(note)}' for note in table.notes]
     return '\n'.join(lines) + '\n'
 
 
@@ -664,7 +665,7 @@ def with_save_path(command, folder):
     """Results must land where report.py will look for them; 'result' is every script's default."""
     if os.path.normpath(folder) == 'result':
         return command
-    return f'{command} --save_path {folder}'
+    return f'{command} --save_path {shlex.quote(folder)}'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,6 +862,8 @@ def print_commands(args):
     check_table_name(args.commands)
     if args.dataset is None:
         raise ReportError(f'--commands {args.commands} needs --dataset (one of {", ".join(DATASETS)})')
+    if args.dataset not in DATASETS:
+        raise ReportError(f"unknown dataset '{args.dataset}'; valid datasets: {', '.join(DATASETS)}")
     records = load_records(args.folders, missing_ok=True)
     commands = missing_commands(args.commands, args.dataset, records)
     print(f'# {args.commands} on {args.dataset}: {len(commands)} cell(s) without a result in '

@@ -315,6 +315,8 @@ def test_unknown_table_lists_valid_ones(hand_set, capsys):
         assert all(name in err for name in report.TABLE_NAMES)
     code, out, err = report_in_process(capsys, hand_set, '--commands', 'table1')
     assert code == 2 and 'needs --dataset' in err
+    code, out, err = report_in_process(capsys, hand_set, '--commands', 'table1', '--dataset', 'Imagenette')
+    assert code == 2 and "unknown dataset 'Imagenette'" in err and 'FashionMNIST' in err
 
 
 def test_unexpected_failure_is_one_line(hand_set, capsys, monkeypatch):
