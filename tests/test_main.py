@@ -11,6 +11,7 @@ import main
 import main_DM
 import base
 import experiment
+import data as data_module
 import utils
 from conftest import write_cifar10, write_mnist
 
@@ -195,7 +196,7 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, script, flags, message):
 
 
 def test_missing_data_offline_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, '_download_with_torchvision', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
+    monkeypatch.setattr(data_module, '_download_with_torchvision', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
     with pytest.raises(SystemExit) as e:
         experiment.cli(lambda: main.main(['--dataset', 'CIFAR10', '--data_path', str(tmp_path), '--device', 'cpu']))
     assert e.value.code == 2

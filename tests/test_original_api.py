@@ -10,7 +10,6 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

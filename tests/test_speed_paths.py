@@ -95,8 +95,8 @@ def test_evaluate_models_flag_does_not_change_accuracies(data, model, method, mo
     images, labels = small_set(data)
     calls = []
     batched_fn = training.train_and_test_batched
-    monkeypatch.setattr(utils, 'train_and_test_batched', lambda *a, **k: calls.append(len(a[0])) or batched_fn(*a, **k))
-    monkeypatch.setattr(utils, 'BATCHED_EVAL_PIXELS', 2 * 8 * 28 * 28)  # groups of 2 networks: 2 + 2 + 1 (loop)
+    monkeypatch.setattr(training, 'train_and_test_batched', lambda *a, **k: calls.append(len(a[0])) or batched_fn(*a, **k))
+    monkeypatch.setattr(training, 'BATCHED_EVAL_PIXELS', 2 * 8 * 28 * 28)  # groups of 2 networks: 2 + 2 + 1 (loop)
     results = {}
     for flag in ('0', '1'):
         base.set_seed(3)
@@ -116,7 +116,7 @@ def test_batchnorm_models_and_module_flags_fall_back_to_the_loop(data, monkeypat
     def refuse(*a, **k):
         raise AssertionError('batched evaluation used')
 
-    monkeypatch.setattr(utils, 'train_and_test_batched', refuse)
+    monkeypatch.setattr(training, 'train_and_test_batched', refuse)
     args = eval_args(eval_batched='1', epoch_eval_train=1)
     assert len(training.evaluate_models(images, labels, data, args, 'ConvNetBN', 2)) == 2
     assert len(training.evaluate_models(images, labels, data, eval_args(eval_batched='1', epoch_eval_train=1,
@@ -259,7 +259,7 @@ def test_compile_flag_takes_effect_and_fails_soft(data, monkeypatch, capsys):
         return lambda x: (_ for _ in ()).throw(RuntimeError('no C++ compiler\nfound'))
 
     monkeypatch.setattr(torch, 'compile', broken_compile)
-    monkeypatch.setattr(utils, 'COMPILE_ERROR', None)
+    monkeypatch.setattr(training, 'COMPILE_ERROR', None)
     base.set_seed(0)
     assert training.evaluate_models(images, labels, data, args, 'MLP', 2) == accs  # eager after the failure
     err = capsys.readouterr().err.strip().splitlines()
@@ -299,7 +299,7 @@ def test_cpu_chunks_give_the_results_of_whole_batches(data, monkeypatch):
     params = list(net.parameters())
     results = {}
     for floats, name in ((3 * 128 * 28 * 28, 'chunks of 3'), (10**12, 'whole')):
-        monkeypatch.setattr(utils, 'CPU_CHUNK_FLOATS', floats)
+        monkeypatch.setattr(training, 'CPU_CHUNK_FLOATS', floats)
         syn = images[:7].clone().requires_grad_(True)
         grads = training.mean_loss_grads(net, params, syn, labels[:7], create_graph=True)
         sum(g.pow(2).sum() for g in grads).backward()  # the matching loss's path back into the images
@@ -310,7 +310,7 @@ def test_cpu_chunks_give_the_results_of_whole_batches(data, monkeypatch):
     calls = []
     net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     training.test_accuracy(net, images, labels)
-    monkeypatch.setattr(utils, 'CPU_CHUNK_FLOATS', 3 * 128 * 28 * 28)
+    monkeypatch.setattr(training, 'CPU_CHUNK_FLOATS', 3 * 128 * 28 * 28)
     training.test_accuracy(net, images, labels)
     assert calls == [23] + [3] * 7 + [2]
     chunked, whole = results['chunks of 3'], results['whole']
