@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from augment import parse_strategy
 import base
+import parallel
+import rng
 import coreset
 import results
 import training
@@ -104,8 +106,10 @@ def check_args(args):
         utils.get_loops(args.ipc, args.outer_loop, args.inner_loop)  # an ipc outside the paper's table fails here
     if args.lr_img is None:
         args.lr_img = 1.0 if args.method == 'DM' else 0.1
-    args.device = base.get_device(args.device)
     args.dsa_param = utils.ParamDiffAug()
+    args.device = parallel.setup(args.device)  # last: under torchrun only valid flags reach the other processes
+    if parallel.rank() != 0:
+        args.quiet = True
     return args
 
 
@@ -194,9 +198,11 @@ def load_memory(path, order, steps, data, unsafe=False):
 # Building memories: random, herding, DSA, DM on the classes of one step
 # ---------------------------------------------------------------------------------------------
 
-def real_images(data, classes, ipc):
-    """ipc random training images of each class, class after class, with their (original) labels."""
-    images = torch.cat([utils.sample_class_images(data, c, ipc) for c in classes])
+def real_images(data, classes, ipc, key):
+    """ipc random training images of each class, class after class, with their (original) labels; class c's draw
+    is addressed by (key, c)."""
+    images = torch.cat([utils.sample_class_images(data, c, ipc, utils.class_generator(data, key, 'memory', c))
+                        for c in classes])
     labels = torch.as_tensor(classes, device=images.device).repeat_interleave(ipc)
     return images, labels
 
@@ -208,9 +214,10 @@ def condense_args(args, method):
                                  batch_train=args.batch_train, dis_metric=args.dis_metric, quiet=args.quiet)
 
 
-def condense_step(data, classes, args, desc=''):
-    """DSA (gradient matching) or DM (distribution matching) on the classes of one step only, from real images."""
-    image_syn, label_syn = real_images(data, classes, args.ipc)
+def condense_step(data, classes, args, key, desc=''):
+    """DSA (gradient matching) or DM (distribution matching) on the classes of one step only, from real images.
+    key: (seed, class order, step); iteration it draws from (key, it)."""
+    image_syn, label_syn = real_images(data, classes, args.ipc, key)
     image_syn = image_syn.detach().clone().requires_grad_(True)
     optimizer = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5)
     cargs = condense_args(args, args.method)
@@ -218,23 +225,25 @@ def condense_step(data, classes, args, desc=''):
         outer_loop, inner_loop = utils.get_loops(args.ipc, args.outer_loop, args.inner_loop)
         iterations = args.Iteration_dsa
 
-        def step():
-            return utils.dc_iteration(image_syn, label_syn, optimizer, data, cargs, classes, outer_loop, inner_loop)
+        def step(it):
+            return utils.dc_iteration(image_syn, label_syn, optimizer, data, cargs, classes, outer_loop, inner_loop,
+                                      key + (it,))
     else:
         iterations = args.Iteration_dm
 
-        def step():
-            return utils.dm_iteration(image_syn, label_syn, optimizer, data, cargs, classes, args.class_chunk or None)
+        def step(it):
+            return utils.dm_iteration(image_syn, label_syn, optimizer, data, cargs, classes, key + (it,),
+                                      args.class_chunk or None)
     bar = tqdm(range(iterations), desc=desc, leave=False, disable=args.quiet)
     for it in bar:
-        loss = float(step())
+        loss = float(step(it))
         if not np.isfinite(loss):
             raise UserError(f'the matching loss became {loss} at iteration {it} ({desc}); lower --lr_img')
         bar.set_postfix(loss=f'{loss:.4f}')
     return image_syn.detach(), label_syn
 
 
-def herding_step(data, classes, args, desc=''):
+def herding_step(data, classes, args, key, desc=''):
     """Herding (coreset.herding_selection) of ipc real images per class of one step, in the embedding of a --model
     network trained for --feat_epochs epochs on the real images of this step's classes only, so that no class of a
     later step influences the memory. Returns the dataset's own tensors with their original labels."""
@@ -242,9 +251,10 @@ def herding_step(data, classes, args, desc=''):
     labels = data.labels_train[idx]
     step_data = dataclasses.replace(data, images_train=data.images_train[idx], labels_train=labels,
                                     indices_class=class_indices(labels, data.num_classes))
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-    coreset.train_full_set(net, step_data, args.feat_epochs, args.lr_net, batch_size=args.batch_train,
-                         desc=f'{desc} features', quiet=args.quiet)
+    with rng.seeded(args.device, *key, 'herding'):  # the feature network's initialisation and batch orders
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+        coreset.train_full_set(net, step_data, args.feat_epochs, args.lr_net, batch_size=args.batch_train,
+                               desc=f'{desc} features', quiet=args.quiet)
     net.eval()
     picks = []
     for c in classes:
@@ -260,23 +270,24 @@ def build_memory(data, order, args, seed_cl):
     for s in range(args.steps):
         classes = step_classes(order, args.steps, s)
         desc = f'{args.method} order {seed_cl} step {s + 1}/{args.steps}'
+        key = (args.seed, seed_cl, s)
         if args.method == 'herding':
-            images, labels = herding_step(data, classes, args, desc)
+            images, labels = herding_step(data, classes, args, key, desc)
         else:
-            images, labels = condense_step(data, classes, args, desc)
+            images, labels = condense_step(data, classes, args, key, desc)
         memory.append((images.cpu().clone(), labels.cpu().clone()))
     return memory
 
 
 def build_memories(data, args):
-    """Write each missing memory file of the run (every one with --overwrite), one class order at a time, atomically."""
-    for seed_cl in range(args.num_orders):
+    """Write each missing memory file of the run (every one with --overwrite), one class order at a time, atomically.
+    Under torchrun the class orders are spread over the processes; each writes the files of its orders."""
+    for seed_cl in parallel.Team(shared=True).share(range(args.num_orders)):
         path = memory_path(args.data_path, args.method, args.dataset, args.model, args.ipc, args.steps, seed_cl)
         if os.path.exists(path) and not args.overwrite:
             base.log(args, f'{path} exists: kept (pass --overwrite to rebuild it)')
             continue
         order = class_order(seed_cl, data.num_classes)
-        base.set_seed(args.seed + seed_cl)
         t0 = time.time()
         memory = build_memory(data, order, args, seed_cl)
         unrelated = ('build', 'build_only', 'overwrite', 'quiet', 'save_path', 'num_eval', 'epoch_eval_train')
@@ -287,9 +298,9 @@ def build_memories(data, args):
         base.log(args, f'wrote {path} ({time.time() - t0:.1f} s)')
 
 
-def random_memory(data, order, steps, ipc):
-    """The baseline memory: ipc random real images of each class of each step (global seeded torch RNG)."""
-    return [real_images(data, step_classes(order, steps, s), ipc) for s in range(steps)]
+def random_memory(data, order, steps, ipc, key):
+    """The baseline memory: ipc random real images of each class of each step, addressed by (key, step, class)."""
+    return [real_images(data, step_classes(order, steps, s), ipc, key + (s,)) for s in range(steps)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,11 +319,12 @@ def evaluate_order(memory, order, data, args, seed_cl):
         step_accs = []
         bar = tqdm(range(args.num_eval), desc=f'eval order {seed_cl} step {s + 1}/{args.steps}', leave=False,
                    disable=args.quiet)
-        for _ in bar:
-            net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-            step_accs.append(training.train_and_test(net, images, labels, images_test, labels_test, args.epoch_eval_train,
-                                                  args.lr_net, args.batch_train, dsa_strategy=args.dsa_strategy,
-                                                  dc_strategy=None, dsa_param=args.dsa_param))
+        for k in bar:
+            net, rand = training.evaluation_network(args.model, data, args.device, (args.seed, seed_cl, s, 'eval', k))
+            step_accs.append(training.train_and_test(net, images, labels, images_test, labels_test,
+                                                     args.epoch_eval_train, args.lr_net, args.batch_train,
+                                                     dsa_strategy=args.dsa_strategy, dc_strategy=None,
+                                                     dsa_param=args.dsa_param, rand=rand))
         base.log(args, f'order {seed_cl} step {s + 1}: {len(seen)} classes seen, train on {len(labels)} images, '
                         f'test on {len(labels_test)}: mean acc {100 * np.mean(step_accs):.2f}%')
         accs.append(step_accs)
@@ -356,18 +368,21 @@ def main(argv=None):
             return None
 
     t0 = time.time()
-    orders, accs_orders, sizes_orders = [], [], []
-    for seed_cl in range(args.num_orders):
+    evaluated = {}  # class order -> (accuracies, sizes); under torchrun the orders are spread over the processes
+    for seed_cl in parallel.Team(shared=True).share(range(args.num_orders)):
         order = class_order(seed_cl, data.num_classes)
-        base.set_seed(args.seed + seed_cl)
         if args.method == 'random':
-            memory = random_memory(data, order, args.steps, args.ipc)
+            memory = random_memory(data, order, args.steps, args.ipc, (args.seed, seed_cl))
         else:
             memory = load_memory(paths[seed_cl], order, args.steps, data, args.unsafe_load)
-        orders.append([int(c) for c in order])
-        accs, sizes = evaluate_order(memory, order, data, args, seed_cl)
-        accs_orders.append(accs)
-        sizes_orders.append(sizes)
+        evaluated[seed_cl] = evaluate_order(memory, order, data, args, seed_cl)
+    for part in parallel.gather_to_all(evaluated):
+        evaluated.update(part)
+    orders = [[int(c) for c in class_order(k, data.num_classes)] for k in range(args.num_orders)]
+    accs_orders = [evaluated[k][0] for k in range(args.num_orders)]
+    sizes_orders = [evaluated[k][1] for k in range(args.num_orders)]
+    if parallel.rank() != 0:  # rank 0 alone reports and writes
+        return None
 
     summary = step_summary(accs_orders)
     print(f'\n==================== {args.method} on {args.dataset}, {args.steps} steps, ipc {args.ipc} '

@@ -147,28 +147,6 @@ def set_seed(seed):
         torch.cuda.manual_seed_all(seed)
 
 
-def get_rng_state():
-    """The global RNG states (python, numpy, torch, CUDA) as tensors, ints and tuples: a checkpoint holding them
-    loads with weights-only unpickling."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {'python': random.getstate(), 'numpy': (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                    int(has_gauss), float(cached)),
-             'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    python = state['python']
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
 def log(args, msg):
     if not getattr(args, 'quiet', False):
         tqdm.write(msg)

@@ -6,6 +6,8 @@ import time
 import torch
 from tqdm import tqdm
 
+import parallel
+import rng
 from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed, short_error
 from data import check_ipc_fits
 from experiment import evaluate_pool
@@ -28,10 +30,10 @@ def _check_pick_count(n, ipc):
         raise ValueError(f'cannot select {ipc} distinct examples out of {n}')
 
 
-def random_selection(n, ipc, device):
-    """ipc distinct positions out of n, uniformly at random (the DC paper's 'Random')."""
+def random_selection(n, ipc, generator):
+    """ipc distinct positions out of n, uniformly at random (the DC paper's 'Random'), drawn from generator."""
     _check_pick_count(n, ipc)
-    return torch.randperm(n, device=device)[:ipc]
+    return torch.randperm(n, generator=generator, device=generator.device)[:ipc]
 
 
 def herding_selection(features, ipc):
@@ -82,10 +84,11 @@ def forgetting_counts(correct_history):
     return (h[:-1] & ~h[1:]).sum(0, dtype=torch.long)
 
 
-def forgetting_selection(counts, ipc):
-    """The ipc most-forgotten positions; ties broken at random (a random order, then a stable sort by count)."""
+def forgetting_selection(counts, ipc, generator):
+    """The ipc most-forgotten positions; ties broken at random (a random order from generator, then a stable sort by
+    count)."""
     _check_pick_count(counts.numel(), ipc)
-    perm = torch.randperm(counts.numel(), device=counts.device)
+    perm = torch.randperm(counts.numel(), generator=generator, device=counts.device)
     order = torch.argsort(counts[perm], descending=True, stable=True)
     return perm[order[:ipc]]
 
@@ -155,22 +158,24 @@ def embed_images(net, images, indices, batch_size=1024):
 
 def select_coreset(method, data, args, seed):
     """Training-set indices of a coreset: args.ipc per class, classes in order. `seed` names the cached feature
-    network of herding/k-center; every other random choice comes from the global RNG (seeded by the caller)."""
+    network of herding/k-center and addresses every random choice (the forgetting network's training, the random
+    picks and tie-breaks of each class)."""
     check_choice(method, SELECTION_METHODS, 'coreset method')
     check_ipc_fits(data, args.ipc)
     net, counts = None, None
     if method in ('herding', 'kcenter'):
         net = feature_net(data, args, seed)
     if method == 'forgetting':
-        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-        history = train_full_set(net, data, args.forget_epochs, args.lr_net, desc='forgetting', quiet=args.quiet)
+        with rng.seeded(args.device, seed, 'forgetting'):  # its initialisation and batch orders
+            net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+            history = train_full_set(net, data, args.forget_epochs, args.lr_net, desc='forgetting', quiet=args.quiet)
         counts = forgetting_counts(history)
     picks = []
     for c, idx in enumerate(data.indices_class):
         if method == 'random':
-            pos = random_selection(idx.numel(), args.ipc, idx.device)
+            pos = random_selection(idx.numel(), args.ipc, rng.generator(idx.device, seed, 'random', c))
         elif method == 'forgetting':
-            pos = forgetting_selection(counts[idx], args.ipc)
+            pos = forgetting_selection(counts[idx], args.ipc, rng.generator(idx.device, seed, 'forgetting', c))
         else:
             features = embed_images(net, data.images_train, idx).float()
             pos = (herding_selection if method == 'herding' else kcenter_selection)(features, args.ipc)
@@ -187,7 +192,9 @@ def coreset(method, data, args, seed):
 def run_whole(args, data):
     """The 'whole dataset' bound: each model of the eval pool trained num_eval times per experiment on the full
     training set with the evaluation protocol (evaluate_pool), reported like run_experiments. res_whole_*.pt keeps
-    'accs_all_exps' and an empty 'data' (the set is the training set itself). Returns the summary dict."""
+    'accs_all_exps' and an empty 'data' (the set is the training set itself). Under torchrun the networks of each
+    evaluation are spread over the processes. Returns the summary dict."""
+    args.team = parallel.Team(shared=True)
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
     res_path = os.path.join(args.save_path, f'res_{stem}.pt')
     eval_pool = get_eval_pool(args.eval_mode, args.model)
@@ -196,10 +203,12 @@ def run_whole(args, data):
     for exp in range(args.num_exp):
         set_seed(args.seed + exp)
         log(args, f'================== Exp {exp} ==================')
-        accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole')
+        accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole',
+                             (args.seed, exp, 0))
         for m, a in accs.items():
             accs_all_exps[m] += a
             history.append({'exp': exp, 'iteration': 0, 'model': m, 'accs': a})
-        save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
+        if parallel.rank() == 0:
+            save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
     return report_results(args, accs_all_exps, args.num_exp, os.path.join(args.save_path, f'res_{stem}.json'),
                           t_start, history=history, res_file=res_path)

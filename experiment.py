@@ -11,26 +11,38 @@ import torch
 from tqdm import tqdm
 
 from augment import ParamDiffAug, parse_strategy
-from base import (UserError, check_choice, get_device, get_rng_state, load_torch_file, log, save_torch_file_atomic,
-                  set_rng_state, set_seed)
+from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed
+import export
+import parallel
 from data import DATASETS, check_ipc_fits
-from networks import MODEL_NAMES
+from networks import MODEL_NAMES, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
                      synthetic_sets)
 from training import evaluate_models
-from utils import EVAL_MODES, get_eval_pool, init_synthetic_set
+from utils import EVAL_MODES, get_eval_pool, init_synthetic_set, team_of
 
 RESUME_KEYS = ('method', 'dataset', 'model', 'ipc', 'Iteration', 'seed', 'init', 'lr_img', 'batch_real', 'dsa_strategy',
-               'dis_metric', 'num_exp', 'feat_epochs', 'forget_epochs')
+               'dis_metric', 'num_exp', 'feat_epochs', 'forget_epochs', 'dsa_condense')
+# Iterations between the checks that the processes of a class split still hold the same synthetic set.
+CHECK_EVERY = 10
 
 
-def evaluate_pool(images, labels, data, args, eval_pool, tag):
-    """Accuracies of every model of the pool trained on one set; prints mean and std per model."""
-    accs = {}
+def evaluate_pool(images, labels, data, args, eval_pool, tag, key):
+    """Accuracies of every model of the pool trained on one set; prints mean and std per model. key: (seed,
+    experiment, iteration). The (model, network) pairs are spread over the team (torchrun) and gathered in a fixed
+    order; each network is addressed by its key, so the accuracies do not depend on the number of processes."""
+    team = team_of(args)
+    mine = team.share((m, k) for m in eval_pool for k in range(args.num_eval))
+    done = {}
     for model_eval in eval_pool:
-        accs[model_eval] = evaluate_models(images, labels, data, args, model_eval, args.num_eval,
-                                           desc=f'{tag} eval {model_eval}')
-        a = np.asarray(accs[model_eval])
+        indices = [k for m, k in mine if m == model_eval]
+        accs = evaluate_models(images, labels, data, args, model_eval, indices, key, desc=f'{tag} eval {model_eval}')
+        done.update({(model_eval, k): a for k, a in zip(indices, accs)})
+    for part in team.gather(done):
+        done.update(part)
+    accs = {m: [done[(m, k)] for k in range(args.num_eval)] for m in eval_pool}
+    for model_eval, a in accs.items():
+        a = np.asarray(a)
         log(args, f'{tag}: evaluate {len(a)} random {model_eval}, mean = {a.mean():.4f} std = {a.std():.4f}')
     return accs
 
@@ -59,109 +71,200 @@ def load_checkpoint(path, args):
     return ckpt
 
 
+def distribution_mode(args):
+    """'single' (one process), 'experiments' (process r runs experiments r, r+N, ...) or 'classes' (all processes on
+    one experiment at a time, each with a share of its classes and of its evaluation networks): the latter with
+    --dist_classes, or when there are fewer experiments than processes."""
+    world = parallel.world_size()
+    if world == 1:
+        return 'single'
+    return 'classes' if getattr(args, 'dist_classes', False) or args.num_exp < world else 'experiments'
+
+
 def run_experiments(args, data, init_fn, step_fn=None):
-    """num_exp experiments: init_fn(exp) -> (image_syn, label_syn); step_fn(it, image_syn, label_syn, optimizer) -> loss.
-    Evaluates on the eval pool at the evaluation iterations, checkpoints every args.checkpoint_every iterations,
-    and writes res_*.pt, the vis png and the JSON summary atomically. Returns the summary dict."""
+    """num_exp experiments: init_fn(exp) -> (image_syn, label_syn); step_fn(exp, it, image_syn, label_syn, optimizer)
+    -> loss. Evaluates on the eval pool at the evaluation iterations, checkpoints each experiment every
+    args.checkpoint_every iterations, and writes res_*.pt, the vis pngs and the JSON summary atomically (rank 0 only
+    under torchrun, in experiment order). Returns the summary dict."""
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
     os.makedirs(args.save_path, exist_ok=True)
-    res_path = os.path.join(args.save_path, f'res_{stem}.pt')
-    ckpt_path = os.path.join(args.save_path, f'ckpt_{stem}.pt')
+    mode = distribution_mode(args)
+    args.team = parallel.Team(shared=(mode != 'experiments'))
+    whole_world = args.team.size == parallel.world_size()  # then every process knows every finished experiment
+    main_process = parallel.rank() == 0
+    mine = range(args.num_exp) if mode != 'experiments' else range(parallel.rank(), args.num_exp, parallel.world_size())
+    if mode != 'single':
+        log(args, f'{parallel.world_size()} processes split the {mode}')
+    t_start = time.time()
+    results = {}
+    for exp in mine:
+        results[exp] = run_experiment(args, data, exp, init_fn, step_fn, stem, writes=main_process or not whole_world,
+                                      show=main_process and whole_world)
+        if main_process and whole_world:
+            save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)],
+                         merged_accuracies(results, args), args, {'seconds': time.time() - t_start})
+    for part in parallel.gather_to_all(results if not whole_world else {}):
+        results.update(part)
+    if main_process and not whole_world:  # what each process kept for rank 0: the sets, their grids and exports
+        for exp in sorted(results):
+            save_snapshots(args, data, stem, exp, results[exp]['vis'])
+            export_set(args, data, exp, results[exp]['data'])
+        save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)],
+                     merged_accuracies(results, args), args, {'seconds': time.time() - t_start})
+    if main_process:
+        for exp in range(args.num_exp):
+            path = checkpoint_path(args, stem, exp)
+            if os.path.exists(path):
+                os.remove(path)
+    ordered = [results[e] for e in sorted(results)]
+    return report_results(args, merged_accuracies(results, args), args.num_exp,
+                          os.path.join(args.save_path, f'res_{stem}.json'), t_start,
+                          history=[h for r in ordered for h in r['history']],
+                          loss_history=[h for r in ordered for h in r['loss_history']],
+                          res_file=res_path(args, stem), processes=parallel.world_size(), split=mode)
+
+
+def res_path(args, stem):
+    return os.path.join(args.save_path, f'res_{stem}.pt')
+
+
+def checkpoint_path(args, stem, exp):
+    return os.path.join(args.save_path, f'ckpt_{stem}_exp{exp}.pt')
+
+
+def merged_accuracies(results, args):
+    """{model: accuracies of every finished experiment, in experiment order}."""
+    pool = get_eval_pool(args.eval_mode, args.model)
+    return {m: [a for e in sorted(results) for a in results[e]['accs'].get(m, [])] for m in pool}
+
+
+def save_snapshots(args, data, stem, exp, snapshots):
+    """The vis grids of an experiment: snapshots are (iteration, images) pairs."""
+    for it, images in snapshots:
+        save_vis(os.path.join(args.save_path, f'vis_{stem}_exp{exp}_iter{it}.png'), images, data.mean, data.std,
+                 nrow=args.ipc)
+
+
+def export_set(args, data, exp, images_labels):
+    """--export_png: a finished experiment's set as PNG files in torchvision's ImageFolder layout."""
+    if getattr(args, 'export_png', None):
+        images, labels = images_labels
+        export.save_image_folder(images, labels, data.class_names, data.mean, data.std,
+                                 os.path.join(args.export_png, f'exp{exp}'))
+
+
+def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
+    """One experiment, resumed from its checkpoint with --resume. writes: this process writes its checkpoints;
+    show: it writes the vis grids and exports as they come (otherwise they travel in the result to rank 0).
+    Returns {'exp', 'data': [images, labels], 'accs': {model: [...]}, 'history', 'loss_history', 'vis'}."""
     eval_pool = get_eval_pool(args.eval_mode, args.model)
     eval_its = eval_iterations(args) if step_fn is not None else {0}
     iterations = args.Iteration if step_fn is not None else 0
-
-    state = {'exp': 0, 'it': 0, 'data_save': [], 'accs_all_exps': {m: [] for m in eval_pool}, 'history': [],
-             'seconds': 0.0}
-    ckpt = load_checkpoint(ckpt_path, args) if args.resume else None
+    path = checkpoint_path(args, stem, exp)
+    ckpt = load_checkpoint(path, args) if args.resume else None
+    if ckpt is not None and ckpt.get('done'):
+        log(args, f'experiment {exp} was finished before: taken from {path}')
+        return ckpt['result']
+    set_seed(args.seed + exp)  # for code of the user's that draws from the global RNG; none of ours does
     if ckpt is not None:
-        state.update({k: ckpt[k] for k in state})
-        log(args, f'resuming from {ckpt_path}: experiment {state["exp"]}, iteration {state["it"]}')
-    t_start = time.time() - state['seconds']
-
-    for exp in range(state['exp'], args.num_exp):
-        if ckpt is not None and ckpt.get('image_syn') is not None and ckpt['exp'] == exp:
-            image_syn = ckpt['image_syn'].to(args.device).requires_grad_(True)
-            label_syn = ckpt['label_syn'].to(args.device)
-            start_it = ckpt['it']
-        else:
-            set_seed(args.seed + exp)
-            image_syn, label_syn = init_fn(exp)
-            start_it = 0
-        optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5) if step_fn is not None else None
-        if ckpt is not None and ckpt.get('optimizer') is not None and ckpt['exp'] == exp:
-            optimizer_img.load_state_dict(ckpt['optimizer'])
-            set_rng_state(ckpt['rng'])
-        ckpt = None
-        log(args, f'================== Exp {exp} ==================')
-        bar = tqdm(range(start_it, iterations + 1), desc=f'exp {exp}', disable=args.quiet or iterations == 0)
-        for it in bar:
-            if it in eval_its:
-                accs = evaluate_pool(image_syn.detach(), label_syn, data, args, eval_pool, f'exp {exp} iter {it}')
-                for m, a in accs.items():
-                    state['history'].append({'exp': exp, 'iteration': it, 'model': m, 'accs': a})
-                    if it == iterations:
-                        state['accs_all_exps'][m] += a
-                if args.save_vis:
-                    save_vis(os.path.join(args.save_path, f'vis_{stem}_exp{exp}_iter{it}.png'), image_syn,
-                             data.mean, data.std, nrow=args.ipc)
-            if it == iterations:
-                break
-            loss = float(step_fn(it, image_syn, label_syn, optimizer_img))
-            if not math.isfinite(loss):
-                raise UserError(f'the matching loss became {loss} at experiment {exp} iteration {it}; lower --lr_img '
-                                f'(results of finished experiments are in {args.save_path})')
-            bar.set_postfix(loss=f'{loss:.4f}')
-            if args.checkpoint_every > 0 and (it + 1) % args.checkpoint_every == 0 and it + 1 < iterations:
-                save_checkpoint(ckpt_path, args, {
-                    **state, 'exp': exp, 'it': it + 1, 'seconds': time.time() - t_start,
-                    'image_syn': image_syn.detach().cpu(), 'label_syn': label_syn.cpu(),
-                    'optimizer': optimizer_img.state_dict(), 'rng': get_rng_state()})
-        state['data_save'].append([image_syn.detach().cpu().clone(), label_syn.cpu().clone()])
-        state['seconds'] = time.time() - t_start
-        save_results(res_path, state['data_save'], state['accs_all_exps'], args, {'seconds': state['seconds']})
-        if args.checkpoint_every > 0 and exp + 1 < args.num_exp:
-            save_checkpoint(ckpt_path, args, {**state, 'exp': exp + 1, 'it': 0})
-
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-    return report_results(args, state['accs_all_exps'], args.num_exp, os.path.join(args.save_path, f'res_{stem}.json'),
-                          t_start, history=state['history'], res_file=res_path)
+        image_syn = ckpt['image_syn'].to(args.device).requires_grad_(True)
+        label_syn = ckpt['label_syn'].to(args.device)
+        start_it, result = ckpt['it'], ckpt['result']
+        log(args, f'resuming experiment {exp} from {path} at iteration {start_it}')
+    else:
+        image_syn, label_syn = init_fn(exp)
+        start_it = 0
+        result = {'exp': exp, 'accs': {m: [] for m in eval_pool}, 'history': [], 'loss_history': [], 'vis': []}
+    optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5) if step_fn is not None else None
+    if ckpt is not None and ckpt.get('optimizer') is not None:
+        optimizer_img.load_state_dict(ckpt['optimizer'])
+    team = team_of(args)
+    log(args, f'================== Exp {exp} ==================')
+    bar = tqdm(range(start_it, iterations + 1), desc=f'exp {exp}', disable=args.quiet or iterations == 0)
+    for it in bar:
+        if it in eval_its:
+            accs = evaluate_pool(image_syn.detach(), label_syn, data, args, eval_pool, f'exp {exp} iter {it}',
+                                 (args.seed, exp, it))
+            for m, a in accs.items():
+                result['history'].append({'exp': exp, 'iteration': it, 'model': m, 'accs': a})
+                if it == iterations:
+                    result['accs'][m] = a
+            if args.save_vis:
+                snapshot = (it, image_syn.detach().cpu().clone())
+                if show:
+                    save_snapshots(args, data, stem, exp, [snapshot])
+                else:
+                    result['vis'].append(snapshot)
+        if it == iterations:
+            break
+        loss = float(step_fn(exp, it, image_syn, label_syn, optimizer_img))
+        if not math.isfinite(loss):
+            raise UserError(f'the matching loss became {loss} at experiment {exp} iteration {it}; lower --lr_img '
+                            f'(results of finished experiments are in {args.save_path})')
+        result['loss_history'].append({'exp': exp, 'iteration': it, 'loss': loss})
+        bar.set_postfix(loss=f'{loss:.4f}')
+        if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
+            team.check_identical(image_syn, 'synthetic set')
+        if writes and args.checkpoint_every > 0 and (it + 1) % args.checkpoint_every == 0 and it + 1 < iterations:
+            save_checkpoint(path, args, {'exp': exp, 'it': it + 1, 'image_syn': image_syn.detach().cpu(),
+                                         'label_syn': label_syn.cpu(), 'optimizer': optimizer_img.state_dict(),
+                                         'result': result})
+    result['data'] = [image_syn.detach().cpu().clone(), label_syn.cpu().clone()]
+    if show:
+        export_set(args, data, exp, result['data'])
+    if writes and args.checkpoint_every > 0:
+        save_checkpoint(path, args, {'exp': exp, 'done': True, 'result': result})
+    return result
 
 
 def condense(args, data, iteration):
     """Learn num_exp synthetic sets of all classes, initialised by --init, with
-    iteration(image_syn, label_syn, optimizer_img, classes) -> loss (one DC/DSA or DM step)."""
+    iteration(image_syn, label_syn, optimizer_img, classes, key) -> loss (one DC/DSA or DM step), where key =
+    (seed, experiment, iteration) addresses every random draw of the step."""
     check_ipc_fits(data, args.ipc)
+    if (distribution_mode(args) == 'classes' and args.method == 'DM'
+            and has_batchnorm(get_network(args.model, data.channel, data.num_classes, data.im_size, device='cpu'))):
+        raise UserError(f'DM with {args.model} cannot split its classes over processes: its BatchNorm statistics must '
+                        f'see all classes in one batch (as in the paper); run at least as many experiments as '
+                        f'processes (--num_exp), so that the experiments are split instead')
     classes = list(range(data.num_classes))
 
     def init(exp):
-        return init_synthetic_set(data, args.ipc, args.init, args.device)
+        return init_synthetic_set(data, args.ipc, args.init, args.device, (args.seed, exp))
 
-    def step(it, image_syn, label_syn, optimizer_img):
-        return iteration(image_syn, label_syn, optimizer_img, classes)
+    def step(exp, it, image_syn, label_syn, optimizer_img):
+        return iteration(image_syn, label_syn, optimizer_img, classes, (args.seed, exp, it))
 
     return run_experiments(args, data, init, step)
 
 
 def evaluate_saved(args, data):
-    """--load_syn: evaluate every set stored in a res_*.pt on the eval pool, without learning. The accuracies the
-    file itself records (the original code stores numpy floats) are shown beside ours and kept in the JSON."""
+    """--load_syn: evaluate every set stored in a res_*.pt on the eval pool, without learning (under torchrun the
+    evaluation networks are spread over the processes). The accuracies the file itself records (the original code
+    stores numpy floats) are shown beside ours and kept in the JSON; the vis grid of each set is written next to it."""
     obj = load_torch_file(args.load_syn, 'synthetic set', unsafe=args.unsafe_load)
     sets = synthetic_sets(obj, args.load_syn, data.channel, data.im_size, data.num_classes)
     stored = summarize(stored_accuracies(obj))
     for model, s in stored.items():
         log(args, f'the file records {s["n"]} accuracies of {model}: mean = {s["mean"]:.2f}% std = {s["std"]:.2f}%')
+    name = os.path.splitext(os.path.basename(args.load_syn))[0]
+    if parallel.rank() == 0:
+        if getattr(args, 'export_png', None):
+            export.save_synthetic_sets(sets, data.class_names, data.mean, data.std, args.export_png)
+        if args.save_vis:
+            for exp, (images, labels) in enumerate(sets):
+                export.save_class_grid(images, labels, data.mean, data.std,
+                                       os.path.join(args.save_path, f'vis_{name}_exp{exp}.png'))
+    args.team = parallel.Team(shared=True)
     eval_pool = get_eval_pool(args.eval_mode, args.model)
     accs_all = {m: [] for m in eval_pool}
     t_start = time.time()
     for exp, (images, labels) in enumerate(sets):
         set_seed(args.seed + exp)
-        accs = evaluate_pool(images.to(args.device), labels.to(args.device), data, args, eval_pool,
-                             f'set {exp}')
+        accs = evaluate_pool(images.to(args.device), labels.to(args.device), data, args, eval_pool, f'set {exp}',
+                             (args.seed, exp, 0))
         for m, a in accs.items():
             accs_all[m] += a
-    name = os.path.splitext(os.path.basename(args.load_syn))[0]
     out = os.path.join(args.save_path, f'eval_{name}_{args.eval_mode}.json')
     summary = report_results(args, accs_all, len(sets), out, t_start, file=os.path.abspath(args.load_syn),
                              stored_results=stored)
@@ -202,6 +305,14 @@ def add_common_args(parser, **defaults):
     a('--unsafe_load', action='store_true', help='load user files (--load_syn, checkpoints, tinyimagenet.pt) even when '
                                                  'they hold Python objects beyond plain data: only for files you trust')
     a('--no_vis', dest='save_vis', action='store_false', help='do not write vis png grids')
+    a('--export_png', type=str, default=None, metavar='DIR',
+      help='also write the synthetic images (de-normalised) as PNG files in torchvision ImageFolder layout: '
+           'DIR/exp{E}/{NN}_{class}/{k}.png, after learning or for the sets of --load_syn')
+    # scale-out (torchrun; README "Many GPUs and many machines")
+    a('--dist_classes', action='store_true', help='under torchrun: split the classes of each experiment over the '
+                                                 'processes (automatic when there are fewer experiments than processes)')
+    a('--dist_timeout', type=int, default=parallel.DEFAULT_TIMEOUT_S,
+      help='under torchrun: seconds a process waits for the others before the job ends (a crashed or hung rank)')
     a('--quiet', action='store_true', help='no progress bars or per-evaluation logs')
     # speed (docs/PERFORMANCE.md): none of these changes results beyond float rounding, except --bf16
     a('--eval_batched', type=str, default='auto', choices=SPEED_FLAG_CHOICES,
@@ -238,18 +349,33 @@ def check_common_args(args):
         raise UserError(f'--epoch_eval_train must be >= 0, got {args.epoch_eval_train}')
     if args.load_syn is not None and not os.path.isfile(args.load_syn):
         raise UserError(f"--load_syn file '{args.load_syn}' does not exist")
-    args.device = get_device(args.device)
+    if getattr(args, 'export_png', None):
+        try:  # fail now, not after hours of learning
+            os.makedirs(args.export_png, exist_ok=True)
+        except OSError as e:
+            raise UserError(f'--export_png folder {args.export_png} cannot be created ({e.strerror})') from e
+    if args.dist_timeout < 1:
+        raise UserError(f'--dist_timeout must be at least 1 second, got {args.dist_timeout}')
     args.dsa_param = ParamDiffAug()
+    # last: under torchrun this joins the other processes, which only valid flags may reach
+    args.device = parallel.setup(args.device, args.dist_timeout)
+    if parallel.rank() != 0:
+        args.quiet = True  # only rank 0 prints and shows progress
     return args
 
 
 def cli(main_fn):
-    """Run a script's main; bad input ends in one line on stderr and exit status 2, never a traceback."""
+    """Run a script's main; bad input ends in one line on stderr and exit status 2, never a traceback. Under torchrun
+    every process reports its own error line (tagged with its rank): a failing process ends the job, and torchrun
+    stops the others."""
     try:
         main_fn()
     except (UserError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        where = f'[rank {parallel.rank()}] ' if parallel.launched() else ''
+        print(f'{where}error: {e}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print('interrupted: rerun with --resume to continue from the last checkpoint', file=sys.stderr)
         sys.exit(130)
+    finally:
+        parallel.shutdown()

@@ -36,6 +36,13 @@ def parse_args(argv=None):
                              '(cached in save_path as featnet_*.pt)')
     parser.add_argument('--forget_epochs', type=int, default=3,
                         help='forgetting: epochs of full-set training during which forgetting events are counted')
+    parser.add_argument('--dsa_condense', type=str, default='siamese', choices=utils.DSA_CONDENSE_MODES,
+                        help='DSA while learning (Table 4 of the DSA paper): siamese (one draw for the real and the '
+                             'synthetic batch of a class), independent (a draw each), real / syn (augment only that '
+                             'batch), none (no augmentation while learning)')
+    parser.add_argument('--dsa_eval', type=int, default=1, choices=(0, 1),
+                        help='DSA while training the evaluation networks of a DSA set (1, the default) or not (0)')
+    parser.set_defaults(dsa_strategy=None)  # unset: DSA takes the paper's strategy; an explicit 'none' is honoured
     return parser.parse_args(argv)
 
 
@@ -43,16 +50,16 @@ def main(argv=None):
     args = parse_args(argv)
     base.check_choice(args.method, METHODS, 'method')
     base.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
-    experiment.check_common_args(args)
     if args.feat_epochs < 0:
         raise base.UserError(f'--feat_epochs must be >= 0, got {args.feat_epochs}')
     if args.forget_epochs < 2:
         raise base.UserError(f'--forget_epochs must be >= 2 (a forgetting event spans two epochs), '
                               f'got {args.forget_epochs}')
+    experiment.check_common_args(args)
     args.default_epoch_eval = 300
     if args.method == 'whole' and args.epoch_eval_train is None:
         args.epoch_eval_train = coreset.WHOLE_EPOCHS
-    if args.method == 'DSA' and args.dsa_strategy in ('None', 'none', ''):
+    if args.method == 'DSA' and args.dsa_strategy is None:
         args.dsa_strategy = training.default_dsa_strategy(args.dataset)
         base.log(args, f'DSA strategy not given: using {args.dsa_strategy} (the paper\'s for {args.dataset})')
     learns = args.method in ('DC', 'DSA') and not args.load_syn
@@ -65,8 +72,8 @@ def main(argv=None):
         return run_baseline(args, data)
     base.log(args, f'{args.method} on {args.dataset} with {args.model}, ipc {args.ipc}: outer_loop {outer_loop}, '
                     f'inner_loop {inner_loop}, {args.Iteration} iterations, device {args.device}')
-    return experiment.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dc_iteration(
-        image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop))
+    return experiment.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes, key: utils.dc_iteration(
+        image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop, key))
 
 
 def run_baseline(args, data):

@@ -10,6 +10,7 @@ import argparse
 import base
 import experiment
 import utils
+from networks import get_network, has_batchnorm
 from data import load_dataset
 from experiment import cli
 
@@ -20,24 +21,33 @@ def parse_args(argv=None):
                           init='real', dsa_strategy='color_crop_cutout_flip_scale_rotate', eval_every=2000)
     parser.add_argument('--class_chunk', type=int, default=0,
                         help='classes optimised at once (0: automatic; smaller needs less memory)')
+    parser.add_argument('--dis_metric', type=str, default=None,
+                        help='accepted for command lines copied from main.py, and ignored: DM has no gradient distance')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     args.method = 'DM'
-    experiment.check_common_args(args)
     if args.class_chunk < 0:
         raise base.UserError(f'--class_chunk must be >= 0, got {args.class_chunk}')
+    experiment.check_common_args(args)
+    if args.dis_metric is not None:
+        base.log(args, f'--dis_metric {args.dis_metric} is ignored: distribution matching has no gradient distance')
     args.default_epoch_eval = 1000
 
     data = load_dataset(args.dataset, args.data_path, unsafe_load=args.unsafe_load).to(args.device)
     if args.load_syn:
         return experiment.evaluate_saved(args, data)
+    if 0 < args.class_chunk < data.num_classes and has_batchnorm(
+            get_network(args.model, data.channel, data.num_classes, data.im_size, device='cpu')):
+        raise base.UserError(f'--class_chunk {args.class_chunk} is refused for {args.model}: its BatchNorm statistics '
+                             f'must see all {data.num_classes} classes in one batch (as in the paper); use '
+                             f'--class_chunk 0, or a model without BatchNorm')
     base.log(args, f'DM on {args.dataset} with {args.model}, ipc {args.ipc}, {args.Iteration} iterations, '
                     f'DSA {args.dsa_strategy}, device {args.device}')
-    return experiment.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes: utils.dm_iteration(
-        image_syn, label_syn, optimizer_img, data, args, classes, args.class_chunk or None))
+    return experiment.condense(args, data, lambda image_syn, label_syn, optimizer_img, classes, key: utils.dm_iteration(
+        image_syn, label_syn, optimizer_img, data, args, classes, key, args.class_chunk or None))
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import torch
 
+import parallel
 from base import UserError, load_torch_file, log, save_torch_file_atomic, write_json_atomic
 
 def result_stem(method, dataset, model, ipc):
@@ -102,6 +103,8 @@ def report_results(args, accs_all_exps, num_exp, json_path, t_start, **extra):
     """The end of every run: the final lines (SPEC §8 wording), peak memory, and the JSON summary. Returns the
     summary dict."""
     summary = summarize(accs_all_exps)
+    if parallel.rank() != 0:  # under torchrun rank 0 alone reports and writes
+        return summary
     print('\n==================== Final Results ====================\n')
     for line in summary_lines(num_exp, args.model, summary):
         print(line)

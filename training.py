@@ -10,6 +10,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from augment import DiffAugment, ParamDiffAug, augment_dc, parse_strategy
+import rng
 from base import short_error
 from networks import get_network, has_batchnorm
 
@@ -28,16 +29,18 @@ def dc_aug_strategy(dataset, model_eval):
     return strategy
 
 
-def eval_settings(method, dataset, model_eval, dsa_strategy, epoch_eval_train=None, default_epochs=300):
+def eval_settings(method, dataset, model_eval, dsa_strategy, epoch_eval_train=None, default_epochs=300, dsa_eval=True):
     """Augmentation and epoch count for training one evaluation model (SPEC §1, §7).
 
     Returns (dsa_strategy or None, dc_strategy or None, epochs). DSA-style methods augment with DSA; DC uses the DC
     augmentation rule, and so do the coreset baselines (BASELINE_METHODS) unless a DSA strategy is given, as the DC
-    paper evaluates them like DC sets. Epochs: 1000 when any augmentation is on, else default_epochs, unless the user
-    set them."""
-    dsa = dsa_strategy if method_uses_dsa(method, dsa_strategy) else None
+    paper evaluates them like DC sets. dsa_eval False (--dsa_eval 0, the DSA paper's Table 4 ablations) trains the
+    evaluation networks of a DSA-style set without augmentation. Epochs: 1000 when any augmentation is on, else
+    default_epochs, unless the user set them."""
+    uses_dsa = method_uses_dsa(method, dsa_strategy)
+    dsa = dsa_strategy if uses_dsa and dsa_eval else None
     dc = None
-    if dsa is None and (method == 'DC' or method in BASELINE_METHODS):
+    if not uses_dsa and (method == 'DC' or method in BASELINE_METHODS):
         strategy = dc_aug_strategy(dataset, model_eval)
         dc = None if strategy == 'none' else strategy
     if epoch_eval_train is not None:
@@ -98,12 +101,6 @@ class NetRandom:
         if dc_strategy:
             return augment_dc(images, dc_strategy, generator=self.generator)
         return images
-
-
-def net_randoms(num, device):
-    """num NetRandoms seeded from the global (per-experiment seeded) torch RNG, network after network."""
-    seeds = torch.randint(0, 2**62, (num, 2)).tolist()
-    return [NetRandom(seed, choice_seed, device) for seed, choice_seed in seeds]
 
 
 def autocast(device, enabled):
@@ -367,35 +364,46 @@ def eval_group_size(num_eval, n_train, batch_size, im_size):
     return max(1, min(num_eval, BATCHED_EVAL_PIXELS // per_net))
 
 
-def evaluate_models(images, labels, data, args, model_eval, num_eval, desc=''):
-    """Train num_eval fresh networks of one architecture on a (synthetic) set; return their test accuracies.
+def evaluation_network(model_eval, data, device, key):
+    """Evaluation network `key` = (seed, experiment, iteration, model, index) and its private random streams (batch
+    orders, augmentation): all drawn from streams addressed by the key, so a network is the same whichever process
+    trains it, in which group, and whatever else the run evaluates."""
+    with rng.seeded(device, *key, 'net'):
+        net = get_network(model_eval, data.channel, data.num_classes, data.im_size, device=device)
+    return net, NetRandom(rng.derive_seed(*key, 'train'), rng.derive_seed(*key, 'choice'), device)
 
-    Networks are created one after another from the global RNG, and each gets a NetRandom for its batch orders and
-    augmentation. Models without BatchNorm are trained together in groups (train_and_test_batched) when
-    --eval_batched is on (auto: on a GPU); otherwise, and with --channels_last or --compile (which act on modules),
-    one by one. Both paths draw the same random numbers, so the accuracies agree to float rounding."""
-    dsa, dc, epochs = eval_settings(args.method, data.name, model_eval, args.dsa_strategy,
-                                    args.epoch_eval_train, args.default_epoch_eval)
+
+def evaluate_models(images, labels, data, args, model_eval, indices, key, desc=''):
+    """Train the evaluation networks `indices` (their numbers among the num_eval of this evaluation) of one
+    architecture on a (synthetic) set; return their test accuracies in that order. key: (seed, experiment, iteration).
+
+    Models without BatchNorm are trained together in groups (train_and_test_batched) when --eval_batched is on (auto:
+    on a GPU); otherwise, and with --channels_last or --compile (which act on modules), one by one. Both paths draw
+    the same random numbers, so the accuracies agree to float rounding."""
+    dsa, dc, epochs = eval_settings(args.method, data.name, model_eval, args.dsa_strategy, args.epoch_eval_train,
+                                    args.default_epoch_eval, bool(int(getattr(args, 'dsa_eval', 1))))
     bf16, channels_last, compile = (getattr(args, f, False) for f in ('bf16', 'channels_last', 'compile'))
-    rands = net_randoms(num_eval, args.device)
-    make_net = lambda: get_network(model_eval, data.channel, data.num_classes, data.im_size, device=args.device)
-    first = make_net()
-    batched = (flag_on(getattr(args, 'eval_batched', 'auto'), args.device) and not has_batchnorm(first)
-               and not channels_last and not compile and num_eval > 1)
-    group = eval_group_size(num_eval, images.shape[0], args.batch_train, data.im_size) if batched else 1
+    indices = list(indices)
+    if not indices:
+        return []
+    first = evaluation_network(model_eval, data, args.device, (*key, model_eval, indices[0]))
+    batched = (flag_on(getattr(args, 'eval_batched', 'auto'), args.device) and not has_batchnorm(first[0])
+               and not channels_last and not compile and len(indices) > 1)
+    group = eval_group_size(len(indices), images.shape[0], args.batch_train, data.im_size) if batched else 1
     accs = []
-    with tqdm(total=num_eval, desc=desc or f'eval {model_eval}', leave=False, disable=args.quiet) as bar:
-        while len(accs) < num_eval:
-            # training draws nothing from the global RNG, so creating the networks lazily keeps their weights
-            size = min(group, num_eval - len(accs))
-            nets = [first if not accs and i == 0 else make_net() for i in range(size)]
-            group_rands = rands[len(accs):len(accs) + size]
-            if size > 1:
-                accs += train_and_test_batched(nets, group_rands, images, labels, data.images_test, data.labels_test,
+    with tqdm(total=len(indices), desc=desc or f'eval {model_eval}', leave=False, disable=args.quiet) as bar:
+        while len(accs) < len(indices):
+            members = indices[len(accs):len(accs) + group]
+            made = [first if not accs and i == 0 else evaluation_network(model_eval, data, args.device,
+                                                                         (*key, model_eval, k))
+                    for i, k in enumerate(members)]
+            nets, rands = [m[0] for m in made], [m[1] for m in made]
+            if len(members) > 1:
+                accs += train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test,
                                                epochs, args.lr_net, args.batch_train, dsa, dc, args.dsa_param, bf16)
             else:
                 accs.append(train_and_test(nets[0], images, labels, data.images_test, data.labels_test, epochs,
-                                           args.lr_net, args.batch_train, dsa, dc, args.dsa_param, group_rands[0],
+                                           args.lr_net, args.batch_train, dsa, dc, args.dsa_param, rands[0],
                                            bf16, channels_last, compile))
-            bar.update(size)
+            bar.update(len(members))
     return accs

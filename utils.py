@@ -20,8 +20,10 @@ from augment import DiffAugment, ParamDiffAug, augment_dc
 from base import UserError, check_choice
 from data import load_dataset
 from networks import get_network, has_batchnorm
-from training import (backward_mean_loss, batch_chunks, dc_aug_strategy, embed_chunked, flag_on, mean_loss_grads,
-                      method_uses_dsa, train_epoch)
+import rng
+from parallel import Team
+from training import (NetRandom, backward_mean_loss, batch_chunks, dc_aug_strategy, embed_chunked, flag_on,
+                      mean_loss_grads, method_uses_dsa, train_epoch)
 
 __all__ = ['get_dataset', 'get_network', 'get_eval_pool', 'evaluate_synset', 'epoch', 'get_daparam', 'augment',
            'match_loss', 'distance_wb', 'get_loops', 'get_time', 'TensorDataset', 'DiffAugment', 'ParamDiffAug',
@@ -296,43 +298,55 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
 # Synthetic sets and the learning loops: one DC/DSA iteration (SPEC §4), one DM iteration (SPEC §6)
 # ---------------------------------------------------------------------------------------------
 
-def draw_seed():
-    """A seed for one Siamese augmentation draw, taken from the global (seeded) torch RNG."""
-    return int(torch.randint(0, 2**31 - 1, (1,)))
+def team_of(args):
+    """The processes sharing this experiment (parallel.Team); a team of one outside torchrun's class split."""
+    return getattr(args, 'team', None) or SOLO
 
 
-def sample_class_indices(data, c, n):
-    """Training-set indices of n random images of class c, drawn on the device without replacement."""
+SOLO = Team(shared=False)
+
+
+def sample_class_indices(data, c, n, gen):
+    """Training-set indices of n random images of class c, without replacement, from the generator gen (on the
+    device of the data)."""
     idx = data.indices_class[c]
-    return idx[torch.randperm(idx.shape[0], device=idx.device)[:n]]
+    return idx[torch.randperm(idx.shape[0], generator=gen, device=idx.device)[:n]]
 
 
-def sample_class_images(data, c, n):
-    return data.images_train[sample_class_indices(data, c, n)]
+def sample_class_images(data, c, n, gen):
+    return data.images_train[sample_class_indices(data, c, n, gen)]
+
+
+def class_generator(data, key, purpose, c):
+    """The stream of one purpose ('real', 'init', 'bn', ...) for class c under key, on the data's device."""
+    return rng.generator(data.images_train.device, *key, purpose, c)
 
 
 def synthetic_labels(num_classes, ipc, device):
     return torch.arange(num_classes, device=device).repeat_interleave(ipc)
 
 
-def init_synthetic_set(data, ipc, init, device):
-    """ipc images per class in class order: Gaussian noise, or random real images of the class."""
+def init_synthetic_set(data, ipc, init, device, key):
+    """ipc images per class in class order: Gaussian noise, or random real images of the class. key: (seed,
+    experiment), the address of every draw."""
     check_choice(init, ('noise', 'real'), '--init')
-    image_syn = torch.randn(data.num_classes * ipc, data.channel, *data.im_size, device=device)
+    shape = (data.num_classes * ipc, data.channel, *data.im_size)
+    image_syn = torch.randn(shape, generator=rng.generator(device, *key, 'noise'), device=device)
     if init == 'real':
         for c in range(data.num_classes):
             if data.indices_class[c].numel() < ipc:
                 raise UserError(f"class {c} has {data.indices_class[c].numel()} training images, fewer than ipc {ipc}")
-            image_syn[c * ipc:(c + 1) * ipc] = sample_class_images(data, c, ipc)
+            image_syn[c * ipc:(c + 1) * ipc] = sample_class_images(data, c, ipc, class_generator(data, key, 'init', c))
     return image_syn.requires_grad_(True), synthetic_labels(data.num_classes, ipc, device)
 
 
-def freeze_bn_from_real(net, data, classes, n_per_class=16):
-    """BatchNorm statistics from n real images per class, then frozen (eval mode) while matching."""
+def freeze_bn_from_real(net, data, classes, key, n_per_class=16):
+    """BatchNorm statistics from n real images per class (all classes, whatever share of them this process
+    matches), then frozen (eval mode) while matching."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
-    img = torch.cat([sample_class_images(data, c, n_per_class) for c in classes])
+    img = torch.cat([sample_class_images(data, c, n_per_class, class_generator(data, key, 'bn', c)) for c in classes])
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: after one batch the statistics are exactly that batch's
@@ -343,16 +357,37 @@ def freeze_bn_from_real(net, data, classes, n_per_class=16):
         m.eval()
 
 
-def class_batches(data, image_syn, i, c, ipc, batch_real, dsa_strategy=None, dsa_param=None):
-    """The real batch and the synthetic images of class c (the i-th class), with one Siamese DSA transform drawn for
-    both. Random draws, in order: the real batch, then the transform seed."""
-    img_real = sample_class_images(data, c, batch_real)
-    img_syn = image_syn[i * ipc:(i + 1) * ipc]
-    if dsa_strategy:
-        seed = draw_seed()  # Siamese: the same transform for the real and the synthetic batch
-        img_real = DiffAugment(img_real, dsa_strategy, param=dsa_param, seed=seed)
-        img_syn = DiffAugment(img_syn, dsa_strategy, param=dsa_param, seed=seed)
+DSA_CONDENSE_MODES = ('siamese', 'independent', 'real', 'syn', 'none')
+
+
+def condense_dsa(args):
+    """The DSA strategy used while learning the set (matching and inner-loop training), or None: none for DC, and
+    none with --dsa_condense none (the DSA paper's Table 4 ablations)."""
+    if not method_uses_dsa(args.method, args.dsa_strategy) or getattr(args, 'dsa_condense', 'siamese') == 'none':
+        return None
+    return args.dsa_strategy
+
+
+def augment_class_pair(img_real, img_syn, key, c, dsa_strategy, dsa_param, mode='siamese'):
+    """DSA of the real and the synthetic batch of class c while matching. siamese: one draw for both (the method);
+    independent: a draw for each; real / syn: only that batch is augmented (Table 4 of the DSA paper)."""
+    if not dsa_strategy or mode == 'none':
+        return img_real, img_syn
+    seeds = rng.generator('cpu', *key, 'dsa', c)
+    seed_real = rng.draw_int(seeds)
+    seed_syn = rng.draw_int(seeds) if mode == 'independent' else seed_real
+    if mode in ('siamese', 'independent', 'real'):
+        img_real = DiffAugment(img_real, dsa_strategy, seed=seed_real, param=dsa_param)
+    if mode in ('siamese', 'independent', 'syn'):
+        img_syn = DiffAugment(img_syn, dsa_strategy, seed=seed_syn, param=dsa_param)
     return img_real, img_syn
+
+
+def class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy=None, dsa_param=None, mode='siamese'):
+    """The real batch and the synthetic images of class c (the i-th class), augmented by augment_class_pair."""
+    img_real = sample_class_images(data, c, batch_real, class_generator(data, key, 'real', c))
+    img_syn = image_syn[i * ipc:(i + 1) * ipc]
+    return augment_class_pair(img_real, img_syn, key, c, dsa_strategy, dsa_param, mode)
 
 
 def class_pair_loss(net, params, img_real, img_syn, c, metric):
@@ -364,12 +399,14 @@ def class_pair_loss(net, params, img_real, img_syn, c, metric):
     return match_loss(gw_syn, gw_real, metric)
 
 
-def class_gradient_loss(net, image_syn, data, classes, ipc, batch_real, metric, dsa_strategy=None, dsa_param=None):
-    """Sum over classes of the distance between the gradients of the real and of the synthetic batch of that class."""
+def class_gradient_loss(net, image_syn, data, members, ipc, batch_real, metric, key, dsa_strategy=None,
+                        dsa_param=None, mode='siamese'):
+    """Sum over members (i, c) -- class c, the i-th class of the set -- of the distance between the gradients of the
+    real and of the synthetic batch of that class."""
     params = [p for p in net.parameters() if p.requires_grad]
-    loss = 0
-    for i, c in enumerate(classes):
-        img_real, img_syn = class_batches(data, image_syn, i, c, ipc, batch_real, dsa_strategy, dsa_param)
+    loss = torch.zeros((), device=image_syn.device)
+    for i, c in members:
+        img_real, img_syn = class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy, dsa_param, mode)
         loss = loss + class_pair_loss(net, params, img_real, img_syn, c, metric)
     return loss
 
@@ -400,15 +437,18 @@ def class_gradients(net, images, labels, create_graph=False):
 BATCHED_CLASS_PIXELS = 3_000_000
 
 
-def class_gradient_loss_batched(net, image_syn, data, classes, ipc, batch_real, metric, dsa_strategy=None,
-                                dsa_param=None):
+def class_gradient_loss_batched(net, image_syn, data, members, ipc, batch_real, metric, key, dsa_strategy=None,
+                                dsa_param=None, mode='siamese'):
     """class_gradient_loss with the per-class gradients of many classes computed together (class_gradients), for
-    networks without BatchNorm. Same random draws in the same order (real batch, then Siamese seed, class by class),
-    so the loss and its gradient on image_syn equal the loop's to float rounding. Classes go in chunks bounded by
+    networks without BatchNorm. The same random draws (each addressed by its class), so the loss and its gradient on
+    image_syn equal the loop's to float rounding. Classes go in chunks bounded by
     BATCHED_CLASS_PIXELS; when real batches differ in size (a class smaller than batch_real) it falls back to the
     per-class loop on the same batches."""
-    pairs = [class_batches(data, image_syn, i, c, ipc, batch_real, dsa_strategy, dsa_param)
-             for i, c in enumerate(classes)]
+    if not members:
+        return torch.zeros((), device=image_syn.device)
+    classes = [c for _, c in members]
+    pairs = [class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy, dsa_param, mode)
+             for i, c in members]
     if len({real.shape[0] for real, _ in pairs}) > 1:
         params = [p for p in net.parameters() if p.requires_grad]
         return sum(class_pair_loss(net, params, real, syn, c, metric) for (real, syn), c in zip(pairs, classes))
@@ -425,41 +465,69 @@ def class_gradient_loss_batched(net, image_syn, data, classes, ipc, batch_real, 
     return loss
 
 
-def matching_step(net, image_syn, optimizer_img, data, args, classes, dsa):
+def matching_step(net, image_syn, optimizer_img, data, args, classes, dsa, key):
     """One update of the synthetic set: BatchNorm frozen from real images, the gradient-matching loss over classes
     (all classes in one vmapped computation with --batched_classes, auto: on a GPU; BatchNorm models class by class),
-    one optimizer step. Returns the loss, detached."""
+    one optimizer step. key: (seed, experiment, iteration, outer step). Under torchrun's class split each process
+    takes its share of the classes and one all-reduce sums the gradients, so every process takes the same step.
+    Returns the loss (over all classes), detached."""
+    team = team_of(args)
     ipc = image_syn.shape[0] // len(classes)
     batched = flag_on(getattr(args, 'batched_classes', 'auto'), image_syn.device) and not has_batchnorm(net)
     gradient_loss = class_gradient_loss_batched if batched else class_gradient_loss
-    freeze_bn_from_real(net, data, classes)
-    loss = gradient_loss(net, image_syn, data, classes, ipc, args.batch_real, args.dis_metric, dsa, args.dsa_param)
+    freeze_bn_from_real(net, data, classes, key)
+    members = team.share(enumerate(classes))
+    loss = gradient_loss(net, image_syn, data, members, ipc, args.batch_real, args.dis_metric, key, dsa, args.dsa_param,
+                         getattr(args, 'dsa_condense', 'siamese'))
     optimizer_img.zero_grad(set_to_none=True)
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
+    return step_shared(image_syn, optimizer_img, loss, team)
+
+
+def step_shared(image_syn, optimizer_img, loss, team):
+    """The optimizer step on the synthetic set after each process of the team added its classes' gradients: one
+    all-reduce sums them (and the loss), so every process takes the same step. Returns the summed loss, detached."""
+    if team.size > 1:
+        if image_syn.grad is None:  # a process with no class left (more processes than classes)
+            image_syn.grad = torch.zeros_like(image_syn)
+        team.all_reduce_sum_(image_syn.grad)
+        loss = team.all_reduce_sum_(loss.detach().clone())
     optimizer_img.step()
     return loss.detach()
 
 
-def train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, epochs):
+def train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, epochs, key):
     """The network follows the synthetic set: epochs of training on a frozen copy of it (no DC augmentation while
-    learning, DSA if the method uses it)."""
+    learning, DSA if the method uses it), batch orders and augmentation from streams addressed by key. Every process
+    of a team trains the same network the same way; rank 0's result is then broadcast, since GPU kernels need not be
+    bit-identical across processes."""
     syn_train = image_syn.detach().clone()
+    rand = NetRandom(rng.derive_seed(*key, 'inner'), rng.derive_seed(*key, 'inner', 'choice'), image_syn.device)
     for _ in range(epochs):
-        train_epoch(net, optimizer_net, syn_train, label_syn, args.batch_train, dsa, None, args.dsa_param)
+        train_epoch(net, optimizer_net, syn_train, label_syn, args.batch_train, dsa, None, args.dsa_param, rand)
+    team_of(args).broadcast_(list(net.parameters()) + list(net.buffers()))
 
 
-def dc_iteration(image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop):
-    """One outer iteration of gradient matching on a freshly initialised network; returns the mean loss (tensor)."""
-    dsa = args.dsa_strategy if method_uses_dsa(args.method, args.dsa_strategy) else None
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
+def fresh_network(args, data, device, key):
+    """The iteration's randomly initialised network, its initialisation drawn from the stream of key."""
+    with rng.seeded(device, *key, 'net'):
+        return get_network(args.model, data.channel, data.num_classes, data.im_size, device=device)
+
+
+def dc_iteration(image_syn, label_syn, optimizer_img, data, args, classes, outer_loop, inner_loop, key):
+    """One outer iteration of gradient matching on a freshly initialised network; returns the mean loss (tensor).
+    key: (seed, experiment, iteration), the address of every random draw of the iteration."""
+    dsa = condense_dsa(args)
+    net = fresh_network(args, data, image_syn.device, key)
     net.train()
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
     loss_sum = torch.zeros((), device=image_syn.device)
     for ol in range(outer_loop):
-        loss_sum += matching_step(net, image_syn, optimizer_img, data, args, classes, dsa)
+        loss_sum += matching_step(net, image_syn, optimizer_img, data, args, classes, dsa, key + (ol,))
         if ol == outer_loop - 1:
             break
-        train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, inner_loop)
+        train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, inner_loop, key + (ol,))
     return loss_sum / (len(classes) * outer_loop)
 
 
@@ -480,32 +548,28 @@ def class_means(emb, counts):
     return sums / torch.as_tensor(counts, device=emb.device, dtype=emb.dtype).unsqueeze(1)
 
 
-def dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, class_chunk=None):
+def dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, key, class_chunk=None):
     """One distribution-matching step: mean embeddings of real and synthetic images of each class are pulled together
-    under a fresh random network. Classes are processed in chunks; gradients accumulate, one optimizer step."""
+    under a fresh random network. Classes are processed in chunks (under torchrun's class split, this process's share
+    of them); gradients accumulate, one optimizer step. key: (seed, experiment, iteration)."""
+    team = team_of(args)
     ipc = image_syn.shape[0] // len(classes)
-    dsa = args.dsa_strategy if method_uses_dsa(args.method, args.dsa_strategy) else None
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
+    dsa = condense_dsa(args)
+    mode = getattr(args, 'dsa_condense', 'siamese')
+    net = fresh_network(args, data, image_syn.device, key)
     net.train()
     for p in net.parameters():
         p.requires_grad_(False)
+    members = team.share(enumerate(classes))
     chunk = class_chunk or auto_class_chunk(len(classes), ipc, args.batch_real, data.im_size, has_batchnorm(net))
-    # every random choice is drawn up front, in class order, so chunking does not change them
-    real_idx, seeds = [], []
-    for c in classes:
-        real_idx.append(sample_class_indices(data, c, args.batch_real))
-        seeds.append(draw_seed() if dsa else None)
     optimizer_img.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=image_syn.device)
-    for start in range(0, len(classes), chunk):
-        members = range(start, min(start + chunk, len(classes)))
+    for start in range(0, len(members), chunk):
         reals, syns = [], []
-        for i in members:
-            img_real = data.images_train[real_idx[i]]
-            img_syn = image_syn[i * ipc:(i + 1) * ipc]
-            if dsa:
-                img_real = DiffAugment(img_real, dsa, param=args.dsa_param, seed=seeds[i])
-                img_syn = DiffAugment(img_syn, dsa, param=args.dsa_param, seed=seeds[i])
+        for i, c in members[start:start + chunk]:
+            img_real = sample_class_images(data, c, args.batch_real, class_generator(data, key, 'real', c))
+            img_real, img_syn = augment_class_pair(img_real, image_syn[i * ipc:(i + 1) * ipc], key, c, dsa,
+                                                   args.dsa_param, mode)
             reals.append(img_real)
             syns.append(img_syn)
         with torch.no_grad():
@@ -514,5 +578,4 @@ def dm_iteration(image_syn, label_syn, optimizer_img, data, args, classes, class
         loss = ((mean_real - mean_syn) ** 2).sum()
         loss.backward()
         loss_sum += loss.detach()
-    optimizer_img.step()
-    return loss_sum / len(classes)
+    return step_shared(image_syn, optimizer_img, loss_sum, team) / len(classes)

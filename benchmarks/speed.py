@@ -204,7 +204,7 @@ def condense_args(method, device, batched_classes, dsa=None):
 
 def synthetic_set(data, ipc, device, lr):
     base.set_seed(0)
-    image_syn, label_syn = utils.init_synthetic_set(data, ipc, 'real', device)
+    image_syn, label_syn = utils.init_synthetic_set(data, ipc, 'real', device, (0, 0))
     return image_syn, label_syn, torch.optim.SGD([image_syn], lr=lr, momentum=0.5)
 
 
@@ -212,12 +212,12 @@ def dc_outer_step(data, args, image_syn, label_syn, optimizer_img, inner_loop):
     """One outer step of gradient matching on a fresh network (the loss over all classes and one update of the
     synthetic set) followed by its inner_loop epochs of network training, as in utils.dc_iteration."""
     classes = list(range(data.num_classes))
-    dsa = args.dsa_strategy if training.method_uses_dsa(args.method, args.dsa_strategy) else None
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=image_syn.device)
+    dsa = utils.condense_dsa(args)
+    net = utils.fresh_network(args, data, image_syn.device, (0, 0, 0))
     net.train()
-    utils.matching_step(net, image_syn, optimizer_img, data, args, classes, dsa)
+    utils.matching_step(net, image_syn, optimizer_img, data, args, classes, dsa, (0, 0, 0, 0))
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
-    utils.train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, inner_loop)
+    utils.train_on_synthetic(net, optimizer_net, image_syn, label_syn, args, dsa, inner_loop, (0, 0, 0, 0))
 
 
 def ten_images(data):
@@ -232,9 +232,7 @@ def eval_args(device, epochs, batched, **flags):
 
 
 def train_network(data, device, images, labels, epochs, **flags):
-    torch.manual_seed(0)
-    net = get_network('ConvNet', data.channel, data.num_classes, data.im_size, device=device)
-    rand = training.net_randoms(1, device)[0]
+    net, rand = training.evaluation_network('ConvNet', data, device, (0, 0, 0, 'ConvNet', 0))
     empty = data.images_test[:0], data.labels_test[:0]  # training only
     training.train_and_test(net, images, labels, *empty, epochs, 0.01, 256, DSA, None, ParamDiffAug(), rand=rand, **flags)
 
@@ -298,16 +296,16 @@ def run_phases(a):
     for variant in ('0', '1'):
         tag = 'loop' if variant == '0' else 'batched'
         args = condense_args('DC', device, variant)
-        rows.append(measure(f'dc_ipc1 [{tag}]', lambda s: utils.dc_iteration(*s, data, args, classes, 1, 1), device,
+        rows.append(measure(f'dc_ipc1 [{tag}]', lambda s: utils.dc_iteration(*s, data, args, classes, 1, 1, (0, 0, 0)), device,
                             heavy, setup=lambda: synthetic_set(data, 1, device, 0.1),
                             note='one DC iteration: outer 1, inner 1, batch_real 256'))
         args_dsa = condense_args('DSA', device, variant, DSA)
-        rows.append(measure(f'dsa_ipc1 [{tag}]', lambda s: utils.dc_iteration(*s, data, args_dsa, classes, 1, 1),
+        rows.append(measure(f'dsa_ipc1 [{tag}]', lambda s: utils.dc_iteration(*s, data, args_dsa, classes, 1, 1, (0, 0, 0)),
                             device, heavy, setup=lambda: synthetic_set(data, 1, device, 0.1),
                             note='one DSA iteration: outer 1, inner 1'))
         if tag == 'loop':
             with stock_ops():
-                rows.append(measure('dsa_ipc1 [stock]', lambda s: utils.dc_iteration(*s, data, args_dsa, classes, 1, 1),
+                rows.append(measure('dsa_ipc1 [stock]', lambda s: utils.dc_iteration(*s, data, args_dsa, classes, 1, 1, (0, 0, 0)),
                                     device, heavy, setup=lambda: synthetic_set(data, 1, device, 0.1),
                                     note='the same, PyTorch avg_pool2d and whole batches (no CPU fast paths)'))
         if tag == 'batched' and a.quick:
@@ -320,11 +318,11 @@ def run_phases(a):
     for ipc in (1, 10, 50):
         if ipc == 50 and a.quick:
             continue
-        rows.append(measure(f'dm_ipc{ipc}', lambda s: utils.dm_iteration(*s, data, dm_args, classes), device,
+        rows.append(measure(f'dm_ipc{ipc}', lambda s: utils.dm_iteration(*s, data, dm_args, classes, (0, 0, 0)), device,
                             a.repeats, setup=lambda ipc=ipc: synthetic_set(data, ipc, device, 1.0),
                             note='one DM iteration, all classes in one forward'))
     with stock_ops():
-        rows.append(measure('dm_ipc1 [stock]', lambda s: utils.dm_iteration(*s, data, dm_args, classes), device,
+        rows.append(measure('dm_ipc1 [stock]', lambda s: utils.dm_iteration(*s, data, dm_args, classes, (0, 0, 0)), device,
                             a.repeats, setup=lambda: synthetic_set(data, 1, device, 1.0),
                             note='the same, PyTorch avg_pool2d and whole batches'))
 
@@ -366,7 +364,7 @@ def run_phases(a):
         tag = 'one by one' if variant == '0' else 'together (batched)'
         args = eval_args(device, eval_epochs, variant)
         rows.append(measure(f'eval_20nets [{tag}]',
-                            lambda _: training.evaluate_models(images, labels, eval_data, args, 'ConvNet', 20), device,
+                            lambda _: training.evaluate_models(images, labels, eval_data, args, 'ConvNet', range(20), (0, 0, 0)), device,
                             heavy, setup=lambda: base.set_seed(0), per=('network', 20),
                             note=f'{eval_epochs + 1} epochs + test pass on {len(eval_data.labels_test)} images each'))
     return rows, real, calibration

@@ -108,13 +108,13 @@ def test_gradient_matching_loss_decreases_on_a_fixed_network(mnist_data):
     base.set_seed(0)
     data = mnist_data
     net = utils.get_network('ConvNet', data.channel, data.num_classes, data.im_size, device='cpu')
-    image_syn, _ = utils.init_synthetic_set(data, 1, 'noise', 'cpu')
+    image_syn, _ = utils.init_synthetic_set(data, 1, 'noise', 'cpu', (0, 0))
     opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
     classes = list(range(data.num_classes))
     losses = []
     for _ in range(15):
-        torch.manual_seed(1)  # the same real batches every step: only the synthetic images change
-        loss = utils.class_gradient_loss(net, image_syn, data, classes, 1, 16, 'ours')
+        # the same key every step, so the same real batches: only the synthetic images change
+        loss = utils.class_gradient_loss(net, image_syn, data, list(enumerate(classes)), 1, 16, 'ours', (1,))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -125,10 +125,10 @@ def test_gradient_matching_loss_decreases_on_a_fixed_network(mnist_data):
 def test_dc_iteration_updates_the_synthetic_set_with_bn_model(mnist_data):
     base.set_seed(0)
     args = tiny_args(model='ConvNetBN', method='DSA', dsa_strategy='color_crop_cutout_scale_rotate')
-    image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'real', 'cpu')
+    image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'real', 'cpu', (0, 0))
     before = image_syn.detach().clone()
     opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
-    loss = utils.dc_iteration(image_syn, label_syn, opt, mnist_data, args, list(range(10)), 2, 2)
+    loss = utils.dc_iteration(image_syn, label_syn, opt, mnist_data, args, list(range(10)), 2, 2, (0, 0, 0))
     assert torch.isfinite(loss) and loss.item() > 0
     assert not torch.equal(before, image_syn.detach())
 
@@ -136,12 +136,11 @@ def test_dc_iteration_updates_the_synthetic_set_with_bn_model(mnist_data):
 def test_dm_loss_decreases(mnist_data):
     base.set_seed(0)
     args = tiny_args(method='DM', dsa_strategy='None', lr_img=1.0)
-    image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'noise', 'cpu')
+    image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'noise', 'cpu', (0, 0))
     opt = torch.optim.SGD([image_syn], lr=1.0, momentum=0.5)
     losses = []
-    for it in range(20):
-        torch.manual_seed(5)  # the same random network and real batch every step
-        losses.append(utils.dm_iteration(image_syn, label_syn, opt, mnist_data, args, list(range(10))).item())
+    for it in range(20):  # the same key every step: the same random network and real batch
+        losses.append(utils.dm_iteration(image_syn, label_syn, opt, mnist_data, args, list(range(10)), (5,)).item())
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -151,10 +150,11 @@ def test_dm_class_chunks_equal_joint_optimisation(mnist_data, dsa):
     results = []
     for chunk in (None, 1, 3):
         base.set_seed(0)
-        image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'real', 'cpu')
+        image_syn, label_syn = utils.init_synthetic_set(mnist_data, 2, 'real', 'cpu', (0, 0))
         opt = torch.optim.SGD([image_syn], lr=1.0, momentum=0.5)
-        for _ in range(3):
-            utils.dm_iteration(image_syn, label_syn, opt, mnist_data, args, list(range(10)), class_chunk=chunk)
+        for it in range(3):
+            utils.dm_iteration(image_syn, label_syn, opt, mnist_data, args, list(range(10)), (0, 0, it),
+                               class_chunk=chunk)
         results.append(image_syn.detach())
     assert torch.allclose(results[0], results[1], atol=1e-5)
     assert torch.allclose(results[0], results[2], atol=1e-5)
@@ -163,10 +163,10 @@ def test_dm_class_chunks_equal_joint_optimisation(mnist_data, dsa):
 def test_dm_on_subset_of_classes_and_bn_model(mnist_data):
     base.set_seed(0)
     args = tiny_args(model='ConvNetBN', method='DM', dsa_strategy='color_crop_cutout_scale_rotate', lr_img=1.0)
-    image_syn, label_syn = utils.init_synthetic_set(mnist_data, 3, 'real', 'cpu')
+    image_syn, label_syn = utils.init_synthetic_set(mnist_data, 3, 'real', 'cpu', (0, 0))
     image_syn = image_syn.detach()[:9].clone().requires_grad_(True)   # classes 0..2 only
     opt = torch.optim.SGD([image_syn], lr=1.0, momentum=0.5)
-    loss = utils.dm_iteration(image_syn, label_syn[:9], opt, mnist_data, args, [0, 1, 2])
+    loss = utils.dm_iteration(image_syn, label_syn[:9], opt, mnist_data, args, [0, 1, 2], (0, 0, 0))
     assert torch.isfinite(loss) and image_syn.grad is not None and image_syn.grad.abs().sum() > 0
 
 

@@ -70,7 +70,7 @@ def test_main_end_to_end_mnist(mnist_dir, tmp_path, method, ipc, model, eval_mod
     report = json.loads((tmp_path / f'res_{stem}.json').read_text())
     assert report['results'][eval_model]['n'] == 1 and 'wall_seconds' in report
     assert summary[eval_model]['mean'] == pytest.approx(100 * res['accs_all_exps'][eval_model][0])
-    assert not (tmp_path / f'ckpt_{stem}.pt').exists()
+    assert not list(tmp_path.glob('ckpt_*'))
 
 
 @pytest.mark.parametrize('method,ipc', [('DC', 10), ('DSA', 1)])
@@ -144,7 +144,8 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path, monkeypatch, module, m
         run_main(module, mnist_dir, tmp_path / 'cut', *flags)
     monkeypatch.setattr(utils, step_name, real_step)
     stem = f'{method}_MNIST_ConvNet_1ipc'
-    assert (tmp_path / 'cut' / f'ckpt_{stem}.pt').exists()
+    assert (tmp_path / 'cut' / f'ckpt_{stem}_exp0.pt').exists()  # finished: its result
+    assert (tmp_path / 'cut' / f'ckpt_{stem}_exp1.pt').exists()  # interrupted: iteration 2
     run_main(module, mnist_dir, tmp_path / 'cut', *flags, '--resume')
 
     full = base.load_torch_file(tmp_path / 'full' / f'res_{stem}.pt', 'r')
@@ -152,7 +153,7 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path, monkeypatch, module, m
     for (img_f, lab_f), (img_c, lab_c) in zip(full['data'], cut['data']):
         assert torch.equal(img_f, img_c) and torch.equal(lab_f, lab_c)
     assert full['accs_all_exps'] == cut['accs_all_exps']
-    assert not (tmp_path / 'cut' / f'ckpt_{stem}.pt').exists()
+    assert not list((tmp_path / 'cut').glob('ckpt_*'))
 
 
 def test_load_syn_round_trip(mnist_dir, tmp_path):

@@ -50,10 +50,8 @@ def small_set(data, per_class=2):
 
 
 def nets_and_randoms(model, data, k, seed=0):
-    torch.manual_seed(seed)
-    rands = training.net_randoms(k, 'cpu')
-    nets = [get_network(model, data.channel, data.num_classes, data.im_size, device='cpu') for _ in range(k)]
-    return nets, rands
+    made = [training.evaluation_network(model, data, 'cpu', (seed, 0, 0, model, i)) for i in range(k)]
+    return [m[0] for m in made], [m[1] for m in made]
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -101,9 +99,8 @@ def test_evaluate_models_flag_does_not_change_accuracies(data, model, method, mo
     for flag in ('0', '1'):
         base.set_seed(3)
         args = eval_args(method=method, eval_batched=flag)
-        results[flag] = training.evaluate_models(images, labels, data, args, model, 5)
-        after = torch.rand(1)  # both paths leave the global RNG in the same state
-        results[flag + 'rng'] = after
+        results[flag] = training.evaluate_models(images, labels, data, args, model, range(5), (3, 0, 0))
+        results[flag + 'rng'] = torch.rand(1)  # neither path draws from the global RNG
     assert calls == [2, 2]
     # equal here; elsewhere a rounding difference may move one test image
     assert results['1'] == pytest.approx(results['0'], abs=1.01 / len(data.labels_test))
@@ -118,11 +115,11 @@ def test_batchnorm_models_and_module_flags_fall_back_to_the_loop(data, monkeypat
 
     monkeypatch.setattr(training, 'train_and_test_batched', refuse)
     args = eval_args(eval_batched='1', epoch_eval_train=1)
-    assert len(training.evaluate_models(images, labels, data, args, 'ConvNetBN', 2)) == 2
+    assert len(training.evaluate_models(images, labels, data, args, 'ConvNetBN', range(2), (0, 0, 0))) == 2
     assert len(training.evaluate_models(images, labels, data, eval_args(eval_batched='1', epoch_eval_train=1,
-                                                                     channels_last=True), 'MLP', 2)) == 2
+                                                                     channels_last=True), 'MLP', range(2), (0, 0, 0))) == 2
     with pytest.raises(AssertionError, match='batched evaluation used'):
-        training.evaluate_models(images, labels, data, args, 'MLP', 2)
+        training.evaluate_models(images, labels, data, args, 'MLP', range(2), (0, 0, 0))
     # auto: batched only on a GPU
     assert training.flag_on('auto', 'cpu') is False and training.flag_on('auto', 'cuda') is True
     assert training.flag_on('1', 'cpu') is True and training.flag_on('0', 'cuda') is False
@@ -163,11 +160,11 @@ def test_batched_class_gradients_equal_the_loop(data, metric, dsa):
     for fn in (utils.class_gradient_loss, utils.class_gradient_loss_batched):
         torch.manual_seed(1)
         image_syn = torch.randn(2 * len(classes), 1, 28, 28, dtype=torch.float64, requires_grad=True)
-        loss = fn(net, image_syn, data64, classes, 2, 4, metric, dsa, ParamDiffAug())
+        loss = fn(net, image_syn, data64, list(enumerate(classes)), 2, 4, metric, (1, 0, 0, 0), dsa, ParamDiffAug())
         loss.backward()
         results.append((loss.detach(), image_syn.grad.clone(), torch.rand(1)))
     (loss_a, grad_a, rng_a), (loss_b, grad_b, rng_b) = results
-    assert torch.equal(rng_a, rng_b)  # the same random draws were consumed
+    assert torch.equal(rng_a, rng_b)  # neither drew from the global RNG
     assert loss_a > 0 and grad_a.abs().sum() > 0
     assert torch.allclose(loss_a, loss_b, rtol=1e-12, atol=0)
     assert torch.allclose(grad_a, grad_b, rtol=0, atol=1e-12 * grad_a.abs().max().item())
@@ -184,7 +181,7 @@ def test_batched_classes_fall_back_when_real_batches_differ(data, monkeypatch):
     for fn in (utils.class_gradient_loss, utils.class_gradient_loss_batched):
         torch.manual_seed(2)
         image_syn = torch.randn(10, 1, 28, 28, requires_grad=True)
-        loss = fn(net, image_syn, uneven, list(range(10)), 1, 5, 'ours', DSA, ParamDiffAug())
+        loss = fn(net, image_syn, uneven, list(enumerate(range(10))), 1, 5, 'ours', (2, 0, 0, 0), DSA, ParamDiffAug())
         loss.backward()
         results.append((loss.detach(), image_syn.grad))
     assert torch.allclose(results[0][0], results[1][0]) and torch.allclose(results[0][1], results[1][1])
@@ -197,9 +194,9 @@ def test_dc_iteration_flag_does_not_change_the_synthetic_set(data, monkeypatch):
         args = argparse.Namespace(method='DSA', model='ConvNet', dsa_strategy=DSA, dsa_param=ParamDiffAug(),
                                   lr_net=0.01, batch_real=4, batch_train=8, dis_metric='ours', batched_classes=flag)
         base.set_seed(0)
-        image_syn, label_syn = utils.init_synthetic_set(data, 2, 'real', 'cpu')
+        image_syn, label_syn = utils.init_synthetic_set(data, 2, 'real', 'cpu', (0, 0))
         opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
-        loss = utils.dc_iteration(image_syn, label_syn, opt, data, args, list(range(10)), 2, 1)
+        loss = utils.dc_iteration(image_syn, label_syn, opt, data, args, list(range(10)), 2, 1, (0, 0, 0))
         out.append((loss.detach(), image_syn.detach()))
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-4)
     assert torch.allclose(out[0][1], out[1][1], rtol=1e-4, atol=1e-5)
@@ -250,10 +247,11 @@ def test_compile_flag_takes_effect_and_fails_soft(data, monkeypatch, capsys):
     monkeypatch.setattr(torch, 'compile', fake_compile)
     args = eval_args(compile=True, epoch_eval_train=1, eval_batched='1')
     base.set_seed(0)
-    accs = training.evaluate_models(images, labels, data, args, 'MLP', 2)
+    accs = training.evaluate_models(images, labels, data, args, 'MLP', range(2), (0, 0, 0))
     assert len(calls) > 0  # every training and test forward went through the compiled callable
     base.set_seed(0)
-    assert accs == training.evaluate_models(images, labels, data, eval_args(epoch_eval_train=1), 'MLP', 2)
+    assert accs == training.evaluate_models(images, labels, data, eval_args(epoch_eval_train=1), 'MLP', range(2),
+                                            (0, 0, 0))
 
     def broken_compile(net):
         return lambda x: (_ for _ in ()).throw(RuntimeError('no C++ compiler\nfound'))
@@ -261,7 +259,8 @@ def test_compile_flag_takes_effect_and_fails_soft(data, monkeypatch, capsys):
     monkeypatch.setattr(torch, 'compile', broken_compile)
     monkeypatch.setattr(training, 'COMPILE_ERROR', None)
     base.set_seed(0)
-    assert training.evaluate_models(images, labels, data, args, 'MLP', 2) == accs  # eager after the failure
+    # eager after the failure
+    assert training.evaluate_models(images, labels, data, args, 'MLP', range(2), (0, 0, 0)) == accs
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'torch.compile is unavailable' in err[0] and 'no C++ compiler found' in err[0]
 
