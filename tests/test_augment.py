@@ -2,13 +2,14 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from augment import (DSA_OPS, AugRandom, DiffAugment, ParamDiffAug, apply_op, augment_dc, crop, cutout, flip,
-                     parse_strategy, rotate, sample_params, scale)
+from augment import (DSA_OPS, AugRandom, DiffAugment, ParamDiffAug, apply_op, augment_dc, brightness, contrast,
+                     crop, cutout, flip, parse_strategy, rotate, sample_params, saturation, scale)
 
 GROUPS = list(DSA_OPS)
 FULL = 'color_crop_cutout_flip_scale_rotate'
@@ -302,6 +303,126 @@ def test_color_ranges_and_invariants():
     y = apply_op('contrast', x, dict(factor=torch.full((3,), 1.3)))
     torch.testing.assert_close(y.mean(dim=[1, 2, 3]), x.mean(dim=[1, 2, 3]))
     torch.testing.assert_close(y.std(dim=[1, 2, 3]), 1.3 * x.std(dim=[1, 2, 3]))
+
+
+# ----------------------------------------------------------------------------- DSA op formulas (SPEC §5) by hand
+# Each op is called with parameters chosen here, on a small non-square float64 image, and compared with numpy loops
+# that follow the formulas directly. Geometric ops: grid_sample with align_corners=True (torch 1.2 semantics), i.e.
+# normalised coordinate -1 is the centre of the first pixel and +1 that of the last, bilinear, zeros outside.
+
+
+def small_images():
+    return torch.rand(2, 3, 5, 7, generator=gen(21), dtype=torch.float64)
+
+
+def bilinear_or_zero(img, r, c):
+    """Bilinear read of a 2-D numpy image at pixel coordinates (r, c); neighbours outside the image count as 0."""
+    height, width = img.shape
+    r0, c0 = math.floor(r), math.floor(c)
+    total = 0.0
+    for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
+        for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
+            if 0 <= rr < height and 0 <= cc < width:
+                total += wr * wc * img[rr, cc]
+    return total
+
+
+def affine_by_hand(img, theta):
+    """out[i, j] = img read at theta @ (x, y, 1), where x (column) and y (row) of pixel (i, j) run over [-1, 1]."""
+    height, width = img.shape
+    out = np.zeros((height, width))
+    for i in range(height):
+        for j in range(width):
+            x, y = -1 + 2 * j / (width - 1), -1 + 2 * i / (height - 1)
+            xs = theta[0][0] * x + theta[0][1] * y + theta[0][2]
+            ys = theta[1][0] * x + theta[1][1] * y + theta[1][2]
+            out[i, j] = bilinear_or_zero(img, (ys + 1) / 2 * (height - 1), (xs + 1) / 2 * (width - 1))
+    return out
+
+
+def per_plane(x, fn):
+    """Apply fn(n, c, plane) to every (image, channel) plane of a tensor, as a numpy array."""
+    x = x.numpy()
+    return np.stack([np.stack([fn(n, c, x[n, c]) for c in range(x.shape[1])]) for n in range(x.shape[0])])
+
+
+def assert_by_hand(out, expected):
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_scale_formula_by_hand():
+    x = small_images()
+    sx, sy = torch.tensor([1.15, 0.9], dtype=torch.float64), torch.tensor([0.85, 1.2], dtype=torch.float64)
+    # output(x, y) = input(sx * x, sy * y): sx scales the columns, sy the rows
+    expected = per_plane(x, lambda n, c, img: affine_by_hand(img, [[float(sx[n]), 0, 0], [0, float(sy[n]), 0]]))
+    assert_by_hand(scale(x, sx, sy), expected)
+
+
+def test_rotate_formula_by_hand():
+    x = small_images()
+    angle = torch.tensor([0.2, -0.25], dtype=torch.float64)  # radians, within ±15° = ±0.2618
+
+    def by_hand(n, c, img):
+        a = float(angle[n])
+        return affine_by_hand(img, [[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0]])
+    assert_by_hand(rotate(x, angle), per_plane(x, by_hand))
+
+
+def test_flip_formula_by_hand():
+    x = small_images()
+    mask = torch.tensor([True, False])
+    assert_by_hand(flip(x, mask), per_plane(x, lambda n, c, img: img[:, ::-1] if mask[n] else img))
+
+
+def test_color_formulas_by_hand():
+    x = small_images()
+    xn = x.numpy()
+    shift = torch.tensor([0.3, -0.45], dtype=torch.float64)
+    assert_by_hand(brightness(x, shift), xn + shift.numpy().reshape(2, 1, 1, 1))
+    factor = torch.tensor([0.0, 1.7], dtype=torch.float64)
+    expected = np.zeros_like(xn)
+    for n in range(2):
+        for i in range(5):
+            for j in range(7):
+                grey = xn[n, :, i, j].sum() / 3  # mean over the channels of this pixel
+                expected[n, :, i, j] = (xn[n, :, i, j] - grey) * float(factor[n]) + grey
+    assert_by_hand(saturation(x, factor), expected)
+    factor = torch.tensor([0.6, 1.4], dtype=torch.float64)
+    expected = np.stack([(xn[n] - xn[n].sum() / xn[n].size) * float(factor[n]) + xn[n].sum() / xn[n].size
+                         for n in range(2)])  # mean over channels and pixels of the image
+    assert_by_hand(contrast(x, factor), expected)
+
+
+def test_crop_formula_by_hand():
+    x = small_images()
+    tx, ty = torch.tensor([1, -2]), torch.tensor([-1, 3])
+
+    def by_hand(n, c, img):
+        # out[i, j] = x[i + tx, j + ty], zero where that is outside the image (the one pixel of zero padding)
+        out = np.zeros_like(img)
+        for i in range(img.shape[0]):
+            for j in range(img.shape[1]):
+                si, sj = i + int(tx[n]), j + int(ty[n])
+                if 0 <= si < img.shape[0] and 0 <= sj < img.shape[1]:
+                    out[i, j] = img[si, sj]
+        return out
+    assert_by_hand(crop(x, tx, ty), per_plane(x, by_hand))
+
+
+def test_cutout_formula_by_hand():
+    x = small_images()
+    top, left = torch.tensor([1, -2]), torch.tensor([2, 5])  # image 1's 3 x 4 hole sticks out at the top and right
+
+    def by_hand(n, c, img):
+        out = img.copy()
+        for i in range(img.shape[0]):
+            for j in range(img.shape[1]):
+                if int(top[n]) <= i < int(top[n]) + 3 and int(left[n]) <= j < int(left[n]) + 4:
+                    out[i, j] = 0.0
+        return out
+    expected = per_plane(x, by_hand)
+    assert (expected[1] == 0).sum() == 3 * 1 * 2  # clipped to row 0, columns 5 and 6
+    assert_by_hand(cutout(x, top, left, 3, 4), expected)
 
 
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
