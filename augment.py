@@ -7,11 +7,13 @@ so a real batch and a synthetic batch augmented with the same seed are transform
 sizes. Without a seed, parameters are drawn per image (network training / evaluation).
 
 DC augmentation (SPEC §7): augment_dc(images, strategy) applies one of crop / scale / rotate / noise to each
-image, filling with the per-channel batch mean. Used only on training batches, so it runs without gradients.
+image exactly as the reference does (mean-padded crop, nearest resize on a zero canvas, scipy's cubic-spline rotation).
+Used only on training batches, so it runs without gradients.
 
 Everything is vectorised over the batch and runs on the device of the input.
 """
 
+import functools
 import math
 
 import torch
@@ -44,9 +46,9 @@ class ParamDCAug:
     """DC augmentation hyper-parameters (SPEC §7 defaults)."""
 
     def __init__(self, crop=4, scale=0.2, rotate=45, noise=0.001):
-        self.crop = crop  # pixels of mean padding on each side
-        self.scale = scale  # resize factor in [1 - scale, 1 + scale]
-        self.rotate = rotate  # degrees
+        self.crop = crop  # pixels of mean padding on each side; shifts -crop ... crop - 1
+        self.scale = scale  # target sizes int(u * H), u uniform in [1 - scale, 1 + scale)
+        self.rotate = rotate  # integer degrees in -rotate ... rotate - 1
         self.noise = noise  # std of additive gaussian noise
 
 
@@ -117,14 +119,21 @@ def _warp(x, theta, align_corners):
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=align_corners)
 
 
+def _take(x, rows, cols):
+    """out[i, :, a, b] = x[i, :, rows[i, a], cols[i, b]] for per-image index tensors rows (n, h) and cols (n, w)."""
+    n, c, _, width = x.shape
+    h, w = rows.shape[1], cols.shape[1]
+    out = x.gather(2, rows[:, None, :, None].expand(n, c, h, width))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
 def _window(x_pad, top, left, h, w):
     """Per-image h x w window of x_pad whose corner is (top, left), (n,) long tensors. Indices are clamped into
     x_pad, so reads past its edge repeat its border (a zero / mean border makes them zero / mean)."""
-    n, c, hp, wp = x_pad.shape
+    hp, wp = x_pad.shape[2:]
     rows = (top.reshape(-1, 1) + torch.arange(h, device=x_pad.device)).clamp(0, hp - 1)  # (n, h)
     cols = (left.reshape(-1, 1) + torch.arange(w, device=x_pad.device)).clamp(0, wp - 1)  # (n, w)
-    out = x_pad.gather(2, rows[:, None, :, None].expand(n, c, h, wp))
-    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    return _take(x_pad, rows, cols)
 
 
 def _per_image(v):
@@ -299,48 +308,177 @@ def DiffAugment(x, strategy='', seed=-1, param=None, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# DC augmentation: each op fills what comes in from outside the image with the per-channel batch mean
+# DC augmentation (SPEC §7): the reference loops over the images and gives each one op; here every op is computed
+# for the whole batch with per-image parameters, and torch.where keeps each image's own result.
 
 
 def dc_crop(x, fill, top, left, pad):
-    """Pad `pad` pixels of `fill` on each side, then take the HxW window whose corner is (top, left) in [0, 2*pad]."""
-    h, w = x.shape[2:]
-    x_pad = F.pad(x - fill, [pad, pad, pad, pad]) + fill
-    return _window(x_pad, top, left, h, w)
+    """Pad `pad` pixels of the per-channel `fill` (1, C, 1, 1) on each side, then keep the H x W window whose corner
+    is (top, left), (n,) long tensors in [0, 2 * pad]."""
+    n, c, h, w = x.shape
+    # copied into a canvas of fill (not padding x - fill with zeros and adding fill back), so pixels stay exact
+    canvas = fill.expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+    canvas[:, :, pad:pad + h, pad:pad + w] = x
+    return _window(canvas, top, left, h, w)
 
 
-def dc_scale(x, fill, fh, fw):
-    """Resize by factors fh (height) and fw (width) about the centre, keeping the size; `fill` outside."""
-    zero = torch.zeros_like(fh)
-    # warping x - fill pads with zeros, i.e. with fill once it is added back
-    theta = _affine([[1.0 / fw, zero, zero], [zero, 1.0 / fh, zero]])
-    return _warp(x - fill, theta, align_corners=False) + fill
+def nearest_source_index(dst, in_size, out_size):
+    """Source index that F.interpolate(mode='nearest') reads for destination index dst when resizing in_size ->
+    out_size (dst and out_size long tensors that broadcast). PyTorch computes floor(dst * scale) in float32 with
+    scale = in_size / out_size rounded to float32, so the same float32 arithmetic is needed to pick the same pixels
+    (the exact rational dst * in_size / out_size sometimes rounds the other way)."""
+    out_size = out_size.to(torch.float32)
+    scale = torch.full_like(out_size, float(in_size)) / out_size  # a true division, as PyTorch does (not 1/x * in)
+    return (dst.to(torch.float32) * scale).floor().long().clamp(max=in_size - 1)
 
 
-def dc_rotate(x, fill, degrees):
-    """Rotate by `degrees` about the centre; `fill` outside."""
-    angle = degrees * (math.pi / 180)
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    theta = _affine([[cos, sin, zero], [-sin, cos, zero]])
-    return _warp(x - fill, theta, align_corners=False) + fill
+def _dc_scale_sources(size, new_size, side):
+    """For one axis of dc_scale: the source index (n, size) of each kept output pixel, and whether it falls on the
+    resized image (True) or on the zero canvas around it (False). new_size, side: (n,) long."""
+    out = torch.arange(size, device=new_size.device)
+    # output pixel -> canvas pixel (centred window of the canvas) -> pixel of the resized image (centred on it)
+    resized = out + ((side - size) // 2 - (side - new_size) // 2)[:, None]
+    inside = (resized >= 0) & (resized < new_size[:, None])
+    source = nearest_source_index(resized.clamp(min=0), size, new_size[:, None])
+    return source, inside
 
 
-def _dc_crop(x, fill, rng, p):
+def dc_scale(x, h, w):
+    """Nearest-neighbour resize of each image to h x w ((n,) long tensors), pasted centred on a square canvas of
+    ZEROS of side max(h, w, H, W), of which the centred H x W window is kept. Equals, per image,
+    F.interpolate(image, [h, w]) pasted at int((m - h) / 2), int((m - w) / 2) then cropped at int((m - H) / 2),
+    int((m - W) / 2), without building the canvases."""
+    height, width = x.shape[2:]
+    side = torch.maximum(torch.maximum(h, w), torch.full_like(h, max(height, width)))
+    rows, row_inside = _dc_scale_sources(height, h, side)
+    cols, col_inside = _dc_scale_sources(width, w, side)
+    inside = row_inside[:, None, :, None] & col_inside[:, None, None, :]
+    return torch.where(inside, _take(x, rows, cols), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def rotated_size(degrees, height, width):
+    """Output height and width of scipy.ndimage.rotate(..., reshape=True) for (n,) integer degrees: the extent of the
+    rotated corners, rounded (int(extent + 0.5))."""
+    radians = torch.deg2rad(degrees.to(torch.float64))
+    cos, sin = radians.cos().abs(), radians.sin().abs()
+    return (cos * height + sin * width + 0.5).long(), (sin * height + cos * width + 0.5).long()
+
+
+def _dc_rotate_sources(degrees, height, width):
+    """Input coordinates (n, H, W) float64 (row, column) that scipy.ndimage.rotate reads for the kept centred window
+    of its enlarged output. scipy maps output point o to R (o - out_centre) + in_centre, R = [[cos, sin], [-sin,
+    cos]]. float64 like scipy, so points on the image border fall on the same side of it."""
+    out_h, out_w = rotated_size(degrees, height, width)
+    device = degrees.device
+    # offsets of the kept rows / columns from the enlarged output's centre; int() truncates toward zero
+    top = torch.div(out_h - height, 2, rounding_mode='trunc')
+    left = torch.div(out_w - width, 2, rounding_mode='trunc')
+    dr = torch.arange(height, device=device, dtype=torch.float64) + (top - (out_h - 1) / 2)[:, None]  # (n, H)
+    dc = torch.arange(width, device=device, dtype=torch.float64) + (left - (out_w - 1) / 2)[:, None]  # (n, W)
+    radians = torch.deg2rad(degrees.to(torch.float64))
+    cos, sin = radians.cos()[:, None, None], radians.sin()[:, None, None]
+    rows = cos * dr[:, :, None] + sin * dc[:, None, :] + (height - 1) / 2
+    cols = -sin * dr[:, :, None] + cos * dc[:, None, :] + (width - 1) / 2
+    return rows, cols
+
+
+@functools.lru_cache(maxsize=32)
+def _bspline_prefilter_matrix(size, device, dtype):
+    """(size, size) matrix turning samples into cubic B-spline coefficients with mirrored borders, as scipy's
+    spline_filter does for mode 'constant' (and 'mirror'): the inverse of the B-spline's sampled kernel (1, 4, 1) / 6
+    where the coefficient before the first sample is the second one (and likewise at the end)."""
+    kernel = torch.zeros(size, size, dtype=torch.float64)
+    index = torch.arange(size)
+    kernel[index, index] = 4 / 6
+    kernel[index[1:], index[:-1]] = 1 / 6
+    kernel[index[:-1], index[1:]] = 1 / 6
+    if size > 1:
+        kernel[0, 1] = kernel[-1, -2] = 2 / 6
+    return torch.linalg.inv(kernel).to(device=device, dtype=dtype)
+
+
+def _bspline_weights(t):
+    """Cubic B-spline weights (..., 4) of the taps floor(x) - 1 ... floor(x) + 2 for t = x - floor(x)."""
+    s = 1 - t
+    return torch.stack([s ** 3, 4 - 6 * t ** 2 + 3 * t ** 3, 4 - 6 * s ** 2 + 3 * s ** 3, t ** 3], dim=-1) / 6
+
+
+def _bspline_as_linear(coord, size):
+    """Along one axis, cubic B-spline interpolation at coord (float64, in [0, size - 1]) as two linear
+    interpolations: the weights of taps (p - 1, p) and (p + 1, p + 2), p = floor(coord), are all positive, so each
+    pair is a linear read at the point between them that splits its weight, times the pair's total weight.
+    Returns the two read positions in grid_sample's normalised coordinates (of the coefficients padded by 1 before and
+    2 after) and the two gains."""
+    base = coord.floor()
+    w = _bspline_weights(coord - base)
+    gains = (w[..., 0] + w[..., 1], w[..., 2] + w[..., 3])
+    # padded index = index + 1
+    positions = (base + w[..., 1] / gains[0], base + 2 + w[..., 3] / gains[1])
+    padded = size + 3
+    return [p * (2 / (padded - 1)) - 1 for p in positions], gains
+
+
+@functools.lru_cache(maxsize=16)
+def _rotation_table(height, width, limit, device, dtype):
+    """What dc_rotate needs that depends only on the angle, for each integer angle -limit ... limit - 1 (row k is
+    angle k - limit): the grid_sample grid of the 4 bilinear reads per kept pixel (2 * limit, 4H, W, 2), their gains
+    (2 * limit, 4, H, W), and whether the pixel's source lies inside the image (2 * limit, H, W). Built once per
+    size and device, in float64 like scipy; a batch then only indexes it."""
+    degrees = torch.arange(-limit, limit)
+    rows, cols = _dc_rotate_sources(degrees, height, width)
+    inside = (rows >= 0) & (rows <= height - 1) & (cols >= 0) & (cols <= width - 1)
+    # outside points get the fill: clamping only keeps their reads inside the coefficients
+    (row_a, row_b), (gain_row_a, gain_row_b) = _bspline_as_linear(rows.clamp(0, height - 1), height)
+    (col_a, col_b), (gain_col_a, gain_col_b) = _bspline_as_linear(cols.clamp(0, width - 1), width)
+    pairs = [(row_a, col_a), (row_a, col_b), (row_b, col_a), (row_b, col_b)]
+    grid = torch.cat([torch.stack([col, row], dim=-1) for row, col in pairs], dim=1)  # grid_sample wants (x, y)
+    gains = torch.stack([gain_row_a * gain_col_a, gain_row_a * gain_col_b, gain_row_b * gain_col_a,
+                         gain_row_b * gain_col_b], dim=1)
+    return grid.to(device=device, dtype=dtype), gains.to(device=device, dtype=dtype), inside.to(device)
+
+
+def dc_rotate(x, fill, degrees, limit=45):
+    """scipy.ndimage.rotate(image, angle, axes=(-2, -1), reshape=True, order=3, cval=fill) of each image by its own
+    integer angle (degrees, (n,) long, in -limit ... limit - 1), keeping the centred H x W window of the enlarged
+    result. fill: a scalar.
+
+    Cubic spline interpolation as scipy does it: B-spline coefficients with mirrored borders (one matrix product
+    per axis), then 4 x 4 taps, mirrored at the borders, read as 4 bilinear reads (grid_sample) of the coefficients;
+    pixels whose source falls outside the image get fill (scipy's mode 'constant')."""
+    n, c, height, width = x.shape
+    grid, gains, inside = _rotation_table(height, width, int(limit), x.device, x.dtype)
+    k = degrees + int(limit)
+    prefilter_h = _bspline_prefilter_matrix(height, x.device, x.dtype)
+    prefilter_w = _bspline_prefilter_matrix(width, x.device, x.dtype)
+    coef = prefilter_h @ x @ prefilter_w.T
+    # taps reach one coefficient before the first and two after the last: scipy mirrors them (reflect pad)
+    coef = F.pad(coef, [1, 2, 1, 2], mode='reflect')
+    reads = F.grid_sample(coef, grid[k], mode='bilinear', padding_mode='border', align_corners=True)
+    rotated = (reads.view(n, c, 4, height, width) * gains[k][:, None]).sum(2)
+    return torch.where(inside[k][:, None], rotated, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def _dc_crop(x, means, rng, p):
     pad = int(p.crop)
-    return dc_crop(x, fill, rng.randint(0, 2 * pad + 1), rng.randint(0, 2 * pad + 1), pad)
+    # the reference draws the window corner from {0, ..., 2 * pad - 1}: shifts -pad ... pad - 1, not symmetric
+    return dc_crop(x, means, rng.randint(0, 2 * pad), rng.randint(0, 2 * pad), pad)
 
 
-def _dc_scale(x, fill, rng, p):
-    fh = 1 - p.scale + 2 * p.scale * rng.rand()
-    fw = 1 - p.scale + 2 * p.scale * rng.rand()
-    return dc_scale(x, fill, fh, fw)
+def _dc_scale(x, means, rng, p):
+    height = x.shape[2]
+    # both target sizes scale the HEIGHT, as in the reference; .long() truncates like int()
+    h = ((1 - p.scale + 2 * p.scale * rng.rand()) * height).long()
+    w = ((1 - p.scale + 2 * p.scale * rng.rand()) * height).long()
+    return dc_scale(x, h, w)
 
 
-def _dc_rotate(x, fill, rng, p):
-    return dc_rotate(x, fill, (2 * rng.rand() - 1) * p.rotate)
+def _dc_rotate(x, means, rng, p):
+    # integer angles in {-rotate, ..., rotate - 1}; the fill is ONE value, the mean of the channel means
+    limit = int(p.rotate)
+    return dc_rotate(x, means.mean(), rng.randint(-limit, limit), limit)
 
 
-def _dc_noise(x, fill, rng, p):
+def _dc_noise(x, means, rng, p):
     return x + p.noise * rng.randn(*x.shape[1:])
 
 
@@ -357,19 +495,19 @@ def _as_dc_param(param):
 
 @torch.no_grad()
 def augment_dc(images, strategy, param=None, generator=None):
-    """DC augmentation of a batch (N, C, H, W): each image gets ONE op drawn among the strategy's
-    ('crop', 'scale', 'rotate', 'noise'). Randomness from `generator` (any device) or the global RNG."""
+    """DC augmentation of a batch (N, C, H, W) as SPEC §7: each image gets ONE op drawn uniformly among the
+    strategy's ('crop', 'scale', 'rotate', 'noise'). Randomness from `generator` (any device) or the global RNG."""
     ops = parse_strategy(strategy, valid=DC_OPS)
     if not ops:
         return images
     param = _as_dc_param(param)
     x = images.detach()
-    fill = x.mean(dim=(0, 2, 3), keepdim=True)
+    means = x.mean(dim=(0, 2, 3), keepdim=True)  # per channel, over the whole batch, taken once
     choice = AugRandom(x.shape[0], x.device, generator=generator).randint(0, len(ops))
     out = x
     for k, op in enumerate(ops):
         # every op runs on the whole batch and each image keeps the result of the op it drew: selecting the images
         # of an op first (nonzero) would wait for the GPU on every call; the ops are cheap next to the network
         rng = AugRandom(x.shape[0], x.device, x.dtype, generator=generator)
-        out = torch.where(_per_image(choice == k), DC_OPS[op](x, fill, rng, param), out)
+        out = torch.where(_per_image(choice == k), DC_OPS[op](x, means, rng, param), out)
     return out

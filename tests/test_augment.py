@@ -2,13 +2,14 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from augment import (DC_OPS, DSA_OPS, AugRandom, DiffAugment, ParamDCAug, ParamDiffAug, apply_op, augment_dc,
-                     crop, cutout, dc_rotate, dc_scale, flip, parse_strategy, rotate, sample_params, scale)
+from augment import (DSA_OPS, AugRandom, DiffAugment, ParamDiffAug, apply_op, augment_dc, brightness, contrast,
+                     crop, cutout, flip, parse_strategy, rotate, sample_params, saturation, scale)
 
 GROUPS = list(DSA_OPS)
 FULL = 'color_crop_cutout_flip_scale_rotate'
@@ -304,94 +305,124 @@ def test_color_ranges_and_invariants():
     torch.testing.assert_close(y.std(dim=[1, 2, 3]), 1.3 * x.std(dim=[1, 2, 3]))
 
 
-# ----------------------------------------------------------------------------- DC augmentation
+# ----------------------------------------------------------------------------- DSA op formulas (SPEC §5) by hand
+# Each op is called with parameters chosen here, on a small non-square float64 image, and compared with numpy loops
+# that follow the formulas directly. Geometric ops: grid_sample with align_corners=True (torch 1.2 semantics), i.e.
+# normalised coordinate -1 is the centre of the first pixel and +1 that of the last, bilinear, zeros outside.
 
 
-def padded_windows(x, pad):
-    """All (2*pad+1)^2 windows of x padded with its per-channel batch mean: (N, K, C, H, W)."""
-    n, c, h, w = x.shape
-    fill = x.mean(dim=(0, 2, 3), keepdim=True)
-    big = fill.expand(n, c, h + 2 * pad, w + 2 * pad).clone()
-    big[:, :, pad:pad + h, pad:pad + w] = x
-    return torch.stack([big[:, :, r:r + h, s:s + w] for r in range(2 * pad + 1) for s in range(2 * pad + 1)], 1)
+def small_images():
+    return torch.rand(2, 3, 5, 7, generator=gen(21), dtype=torch.float64)
 
 
-def matches_a_window(out, x, pad):
-    return (padded_windows(x, pad) - out[:, None]).abs().flatten(2).amax(2).min(1).values < 1e-6
+def bilinear_or_zero(img, r, c):
+    """Bilinear read of a 2-D numpy image at pixel coordinates (r, c); neighbours outside the image count as 0."""
+    height, width = img.shape
+    r0, c0 = math.floor(r), math.floor(c)
+    total = 0.0
+    for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
+        for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
+            if 0 <= rr < height and 0 <= cc < width:
+                total += wr * wc * img[rr, cc]
+    return total
 
 
-def test_dc_shape_no_nan_no_grad():
-    x = images(12).requires_grad_(True)
-    out = augment_dc(x, 'crop_scale_rotate_noise', generator=gen(0))
-    assert out.shape == x.shape and out.dtype == x.dtype
-    assert torch.isfinite(out).all() and not out.requires_grad
+def affine_by_hand(img, theta):
+    """out[i, j] = img read at theta @ (x, y, 1), where x (column) and y (row) of pixel (i, j) run over [-1, 1]."""
+    height, width = img.shape
+    out = np.zeros((height, width))
+    for i in range(height):
+        for j in range(width):
+            x, y = -1 + 2 * j / (width - 1), -1 + 2 * i / (height - 1)
+            xs = theta[0][0] * x + theta[0][1] * y + theta[0][2]
+            ys = theta[1][0] * x + theta[1][1] * y + theta[1][2]
+            out[i, j] = bilinear_or_zero(img, (ys + 1) / 2 * (height - 1), (xs + 1) / 2 * (width - 1))
+    return out
 
 
-def test_dc_makes_no_host_sync(monkeypatch):
-    # on a GPU, nonzero()/item() would wait for the device on every training batch
-    def forbidden(*args, **kwargs):
-        raise AssertionError('host sync in augment_dc')
-    x = images(12)
-    for name in ('nonzero', 'item', 'tolist', 'cpu'):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
-    out = augment_dc(x, 'crop_scale_rotate_noise', generator=gen(0))
-    assert out.shape == x.shape and not torch.equal(out, x)
+def per_plane(x, fn):
+    """Apply fn(n, c, plane) to every (image, channel) plane of a tensor, as a numpy array."""
+    x = x.numpy()
+    return np.stack([np.stack([fn(n, c, x[n, c]) for c in range(x.shape[1])]) for n in range(x.shape[0])])
 
 
-def test_dc_noise_is_tiny():
-    x = images(8)
-    out = augment_dc(x, 'noise', generator=gen(0))
-    diff = (out - x).abs().flatten(1).amax(1)
-    assert (diff > 0).all() and (diff < 0.01).all()
+def assert_by_hand(out, expected):
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)
 
 
-def test_dc_crop_is_a_shift_of_the_mean_padded_image():
-    x = images(10, h=16, w=16)
-    out = augment_dc(x, 'crop', generator=gen(1))
-    assert matches_a_window(out, x, 4).all()
-    assert (out - x).abs().amax() > 0  # not all identity shifts
-    out = augment_dc(x, 'crop', {'crop': 2, 'strategy': 'crop'}, generator=gen(2))  # reference-style dict
-    assert matches_a_window(out, x, 2).all()
+def test_scale_formula_by_hand():
+    x = small_images()
+    sx, sy = torch.tensor([1.15, 0.9], dtype=torch.float64), torch.tensor([0.85, 1.2], dtype=torch.float64)
+    # output(x, y) = input(sx * x, sy * y): sx scales the columns, sy the rows
+    expected = per_plane(x, lambda n, c, img: affine_by_hand(img, [[float(sx[n]), 0, 0], [0, float(sy[n]), 0]]))
+    assert_by_hand(scale(x, sx, sy), expected)
 
 
-def test_dc_one_op_per_image():
-    x = images(32, h=16, w=16)
-    out = augment_dc(x, 'crop_noise', generator=gen(3))
-    cropped = matches_a_window(out, x, 4)
-    noised = ~cropped & ((out - x).abs().flatten(1).amax(1) < 0.01)
-    assert (cropped | noised).all() and cropped.sum() >= 8 and noised.sum() >= 8
+def test_rotate_formula_by_hand():
+    x = small_images()
+    angle = torch.tensor([0.2, -0.25], dtype=torch.float64)  # radians, within ±15° = ±0.2618
+
+    def by_hand(n, c, img):
+        a = float(angle[n])
+        return affine_by_hand(img, [[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0]])
+    assert_by_hand(rotate(x, angle), per_plane(x, by_hand))
 
 
-def test_dc_fill_is_channel_mean():
-    x = images(6, h=16, w=16)
-    fill = x.mean(dim=(0, 2, 3), keepdim=True)
-    rot = dc_rotate(x, fill, torch.full((6,), 45.0))
-    torch.testing.assert_close(rot[:, :, 0, 0], fill[:, :, 0, 0].expand(6, 3))  # corners come from outside
-    torch.testing.assert_close(rot[:, :, -1, -1], fill[:, :, 0, 0].expand(6, 3))
-    small = dc_scale(x, fill, torch.full((6,), 0.5), torch.full((6,), 0.5))
-    torch.testing.assert_close(small[:, :, :3], fill.expand(6, 3, 3, 16))  # shrunk: border ring is the mean
-    torch.testing.assert_close(small[:, :, :, -3:], fill.expand(6, 3, 16, 3))
-    same = dc_scale(x, fill, torch.ones(6), torch.ones(6))
-    torch.testing.assert_close(same, x)
+def test_flip_formula_by_hand():
+    x = small_images()
+    mask = torch.tensor([True, False])
+    assert_by_hand(flip(x, mask), per_plane(x, lambda n, c, img: img[:, ::-1] if mask[n] else img))
 
 
-def test_dc_scale_and_rotate_change_images_without_nan():
-    x = images(8, h=16, w=16)
-    for strategy in ('scale', 'rotate', 'crop_scale_rotate'):
-        out = augment_dc(x, strategy, generator=gen(4))
-        assert torch.isfinite(out).all()
-        assert ((out - x).abs().flatten(1).amax(1) > 1e-3).sum() >= 6
+def test_color_formulas_by_hand():
+    x = small_images()
+    xn = x.numpy()
+    shift = torch.tensor([0.3, -0.45], dtype=torch.float64)
+    assert_by_hand(brightness(x, shift), xn + shift.numpy().reshape(2, 1, 1, 1))
+    factor = torch.tensor([0.0, 1.7], dtype=torch.float64)
+    expected = np.zeros_like(xn)
+    for n in range(2):
+        for i in range(5):
+            for j in range(7):
+                grey = xn[n, :, i, j].sum() / 3  # mean over the channels of this pixel
+                expected[n, :, i, j] = (xn[n, :, i, j] - grey) * float(factor[n]) + grey
+    assert_by_hand(saturation(x, factor), expected)
+    factor = torch.tensor([0.6, 1.4], dtype=torch.float64)
+    expected = np.stack([(xn[n] - xn[n].sum() / xn[n].size) * float(factor[n]) + xn[n].sum() / xn[n].size
+                         for n in range(2)])  # mean over channels and pixels of the image
+    assert_by_hand(contrast(x, factor), expected)
 
 
-def test_dc_strategy_validation_and_reproducibility():
-    x = images(4)
-    with pytest.raises(ValueError, match='flip') as err:
-        augment_dc(x, 'crop_flip')
-    assert all(op in str(err.value) for op in DC_OPS)
-    for s in ('', 'none', 'None', None):
-        assert augment_dc(x, s) is x
-    assert torch.equal(augment_dc(x, 'crop_scale_rotate', ParamDCAug(), gen(7)),
-                       augment_dc(x, 'crop_scale_rotate', ParamDCAug(), gen(7)))
+def test_crop_formula_by_hand():
+    x = small_images()
+    tx, ty = torch.tensor([1, -2]), torch.tensor([-1, 3])
+
+    def by_hand(n, c, img):
+        # out[i, j] = x[i + tx, j + ty], zero where that is outside the image (the one pixel of zero padding)
+        out = np.zeros_like(img)
+        for i in range(img.shape[0]):
+            for j in range(img.shape[1]):
+                si, sj = i + int(tx[n]), j + int(ty[n])
+                if 0 <= si < img.shape[0] and 0 <= sj < img.shape[1]:
+                    out[i, j] = img[si, sj]
+        return out
+    assert_by_hand(crop(x, tx, ty), per_plane(x, by_hand))
+
+
+def test_cutout_formula_by_hand():
+    x = small_images()
+    top, left = torch.tensor([1, -2]), torch.tensor([2, 5])  # image 1's 3 x 4 hole sticks out at the top and right
+
+    def by_hand(n, c, img):
+        out = img.copy()
+        for i in range(img.shape[0]):
+            for j in range(img.shape[1]):
+                if int(top[n]) <= i < int(top[n]) + 3 and int(left[n]) <= j < int(left[n]) + 4:
+                    out[i, j] = 0.0
+        return out
+    expected = per_plane(x, by_hand)
+    assert (expected[1] == 0).sum() == 3 * 1 * 2  # clipped to row 0, columns 5 and 6
+    assert_by_hand(cutout(x, top, left, 3, 4), expected)
 
 
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
