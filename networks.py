@@ -10,6 +10,8 @@ forward), so construction consumes the global RNG only for the PyTorch default i
 same module-creation order as the reference.
 """
 
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -104,23 +106,33 @@ def conv_out(size, kernel, padding, stride=1):
 # ConvNet family
 
 
+def convnet_block_sizes(channel, im_size, depth, pooling):
+    """Per ConvNet block: (conv padding, (H, W) after the conv, (H, W) after the pooling)."""
+    h, w = im_size
+    for d in range(depth):
+        # padding 3 on a 1-channel input turns 28x28 into 32x32, so MNIST gets CIFAR's feature shape
+        pad = 3 if channel == 1 and d == 0 else 1
+        h, w = conv_out(h, 3, pad), conv_out(w, 3, pad)
+        conv_size = (h, w)
+        if pooling != 'none':
+            h, w = h // 2, w // 2
+        yield pad, conv_size, (h, w)
+
+
 class ConvNet(nn.Module):
     def __init__(self, channel, num_classes, net_width=128, net_depth=3, net_act='relu',
                  net_norm='instancenorm', net_pooling='avgpooling', im_size=(32, 32)):
         super().__init__()
         layers = []
         c, (h, w) = channel, im_size
-        for d in range(net_depth):
-            # padding 3 on a 1-channel input turns 28x28 into 32x32, so MNIST gets CIFAR's feature shape
-            pad = 3 if channel == 1 and d == 0 else 1
+        for pad, (conv_h, conv_w), (h, w) in convnet_block_sizes(channel, im_size, net_depth, net_pooling):
             layers.append(nn.Conv2d(c, net_width, kernel_size=3, padding=pad))
-            c, h, w = net_width, conv_out(h, 3, pad), conv_out(w, 3, pad)
+            c = net_width
             if net_norm != 'none':
-                layers.append(make_norm(net_norm, c, h, w))
+                layers.append(make_norm(net_norm, c, conv_h, conv_w))
             layers.append(make_activation(net_act))
             if net_pooling != 'none':
                 layers.append(make_pool(net_pooling))
-                h, w = h // 2, w // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c * h * w, num_classes)
 
@@ -371,17 +383,71 @@ register('ResNet18BN_AP', lambda channel, num_classes, im_size:
 MODEL_NAMES = list(MODEL_FACTORIES)
 
 # -----------------------------------------------------------------------------
+# parametrised ConvNet names: 'ConvNet_D{depth}_W{width}_{act}_{norm}_{pool}', e.g.
+# 'ConvNet_D3_W128_relu_instancenorm_avgpooling' is the default ConvNet (the NAS search space of the DSA paper).
+# They are parsed on demand rather than registered, so MODEL_NAMES keeps the reference's names only.
+
+CONVNET_ACTS = ('sigmoid', 'relu', 'leakyrelu', 'swish')
+CONVNET_NORMS = ('none', 'batchnorm', 'layernorm', 'instancenorm', 'groupnorm')
+CONVNET_POOLS = ('none', 'maxpooling', 'avgpooling')
+CONVNET_NAME_FORMAT = 'ConvNet_D{depth}_W{width}_{act}_{norm}_{pool}'
+# positive integers without leading zeros, so that every ConvNet has exactly one name
+CONVNET_NAME_PATTERN = re.compile(r'ConvNet_D(?P<depth>[1-9][0-9]*)_W(?P<width>[1-9][0-9]*)'
+                                  r'_(?P<act>[a-z]+)_(?P<norm>[a-z]+)_(?P<pool>[a-z]+)')
+GROUPNORM_GROUPS = 4  # make_norm's groupnorm: the width must be a multiple of it
+
+
+def convnet_name(depth, width, act, norm, pool):
+    """The parametrised name of a ConvNet (CONVNET_NAME_FORMAT)."""
+    return CONVNET_NAME_FORMAT.format(depth=depth, width=width, act=act, norm=norm, pool=pool)
+
+
+def parse_convnet_name(name):
+    """ConvNet keyword arguments (net_depth, net_width, net_act, net_norm, net_pooling) of a parametrised name.
+
+    Raises ValueError naming `name` when it is malformed or asks for something the ConvNet cannot have."""
+    match = CONVNET_NAME_PATTERN.fullmatch(name)
+    if not match or match['act'] not in CONVNET_ACTS or match['norm'] not in CONVNET_NORMS \
+            or match['pool'] not in CONVNET_POOLS:
+        raise ValueError(f"invalid ConvNet name {name!r}: expected {CONVNET_NAME_FORMAT} with depth and width "
+                         f"positive integers, act one of {', '.join(CONVNET_ACTS)}, norm one of "
+                         f"{', '.join(CONVNET_NORMS)}, pool one of {', '.join(CONVNET_POOLS)}")
+    width = int(match['width'])
+    if match['norm'] == 'groupnorm' and width % GROUPNORM_GROUPS:
+        raise ValueError(f"invalid ConvNet name {name!r}: groupnorm needs a width divisible by {GROUPNORM_GROUPS}")
+    return dict(net_depth=int(match['depth']), net_width=width, net_act=match['act'], net_norm=match['norm'],
+                net_pooling=match['pool'])
+
+
+def parametrised_convnet(name, channel, num_classes, im_size):
+    """The ConvNet a parametrised name describes; ValueError naming it when it cannot be built for im_size."""
+    kwargs = parse_convnet_name(name)
+    blocks = list(convnet_block_sizes(channel, im_size, kwargs['net_depth'], kwargs['net_pooling']))
+    h, w = blocks[-1][2]
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} cannot be built for {im_size[0]}x{im_size[1]} images: {kwargs['net_depth']} "
+                         f"poolings shrink the feature map to {h}x{w}; use a smaller depth or pooling none")
+    return ConvNet(channel, num_classes, im_size=im_size, **kwargs)
+
+# -----------------------------------------------------------------------------
 # public helpers
 
 
 def get_network(name, channel, num_classes, im_size=(32, 32), device=None):
-    """Build a freshly (PyTorch-default) initialised network by name and move it to device."""
-    if name not in MODEL_FACTORIES:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    """Build a freshly (PyTorch-default) initialised network by name and move it to device.
+
+    name: one of MODEL_NAMES, or a parametrised ConvNet name (CONVNET_NAME_FORMAT)."""
+    is_parametrised = isinstance(name, str) and name.startswith('ConvNet_')
+    if name not in MODEL_FACTORIES and not is_parametrised:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
+                         f"or {CONVNET_NAME_FORMAT}")
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     im_size = (int(im_size[0]), int(im_size[1]))
-    net = MODEL_FACTORIES[name](channel, num_classes, im_size)
+    if is_parametrised:
+        net = parametrised_convnet(name, channel, num_classes, im_size)
+    else:
+        net = MODEL_FACTORIES[name](channel, num_classes, im_size)
     return net.to(device)
 
 

@@ -343,3 +343,86 @@ def test_fast_avg_pool_equals_avg_pool2d():
     assert torch.equal(pool(odd), nn.functional.avg_pool2d(odd, 2, 2))
     cl = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     assert torch.equal(pool(cl), nn.functional.avg_pool2d(cl, 2, 2))
+
+# -----------------------------------------------------------------------------
+# parametrised ConvNet names (the NAS search space)
+
+DEFAULT_CONVNET = dict(depth=3, width=128, act='relu', norm='instancenorm', pool='avgpooling')
+
+
+def parametrised_name_of(variant):
+    """The parametrised name of a named ConvNet variant, from its CONVNET_VARIANTS overrides."""
+    overrides = networks.CONVNET_VARIANTS[variant]
+    fields = dict(DEFAULT_CONVNET)
+    for key, field in (('net_depth', 'depth'), ('net_width', 'width'), ('net_act', 'act'), ('net_norm', 'norm'),
+                       ('net_pooling', 'pool')):
+        if key in overrides:
+            fields[field] = overrides[key]
+    return networks.convnet_name(**fields)
+
+
+@pytest.mark.parametrize('variant', sorted(networks.CONVNET_VARIANTS))
+def test_parametrised_name_equals_named_variant(variant):
+    # same layers, same parameter names and shapes, and the same initialisation from the same seed
+    name = parametrised_name_of(variant)
+    for channel, num_classes, im_size in (CIFAR10, MNIST):
+        torch.manual_seed(7)
+        named = get_network(variant, channel, num_classes, im_size, device='cpu')
+        torch.manual_seed(7)
+        ours = get_network(name, channel, num_classes, im_size, device='cpu')
+        assert [type(m) for m in ours.modules()] == [type(m) for m in named.modules()]
+        assert repr(ours) == repr(named)
+        a, b = named.state_dict(), ours.state_dict()
+        assert list(a) == list(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    cifar, mnist, tiny = PARAM_COUNTS[variant]
+    assert num_params(meta_network(name, *CIFAR10)) == cifar
+    assert num_params(meta_network(name, *MNIST)) == mnist
+    assert num_params(meta_network(name, *TINY)) == tiny
+
+
+def test_default_convnet_has_the_expected_parametrised_name():
+    assert parametrised_name_of('ConvNet') == 'ConvNet_D3_W128_relu_instancenorm_avgpooling'
+    assert parametrised_name_of('ConvNetMP') == 'ConvNet_D3_W128_relu_instancenorm_maxpooling'
+    assert networks.parse_convnet_name('ConvNet_D1_W32_sigmoid_groupnorm_none') == dict(
+        net_depth=1, net_width=32, net_act='sigmoid', net_norm='groupnorm', net_pooling='none')
+
+
+def test_parametrised_names_are_not_registered():
+    # the registry keeps the reference's names (scripts list them); parametrised names are parsed on demand
+    assert MODEL_NAMES == EXPECTED_NAMES
+    assert not any(name.startswith('ConvNet_') for name in MODEL_NAMES)
+
+
+@pytest.mark.parametrize('name', [
+    'ConvNet_D3_W128_relu_instancenorm', 'ConvNet_D0_W128_relu_instancenorm_avgpooling',
+    'ConvNet_D3_W0_relu_instancenorm_avgpooling', 'ConvNet_D03_W128_relu_instancenorm_avgpooling',
+    'ConvNet_D3_W128_tanh_instancenorm_avgpooling', 'ConvNet_D3_W128_relu_weirdnorm_avgpooling',
+    'ConvNet_D3_W128_relu_instancenorm_sumpooling', 'ConvNet_Dx_W128_relu_instancenorm_avgpooling',
+    'ConvNet_D3_W30_relu_groupnorm_avgpooling', 'ConvNet_D3_W128_relu_instancenorm_avgpooling_extra',
+])
+def test_invalid_parametrised_name_raises_value_error_naming_it(name):
+    with pytest.raises(ValueError) as exc:
+        get_network(name, 3, 10, (32, 32), device='cpu')
+    assert name in str(exc.value)
+
+
+def test_unknown_name_message_mentions_the_parametrised_form():
+    with pytest.raises(ValueError, match='ConvNet_D'):
+        get_network('ConvNetXYZ', 3, 10, (32, 32), device='cpu')
+
+
+def test_too_much_pooling_is_named():
+    # 28x28 (padded to 32x32) survives 5 poolings (1x1) but not 6; without pooling any depth builds
+    assert meta_network('ConvNet_D5_W8_relu_none_avgpooling', *MNIST).classifier.in_features == 8
+    with pytest.raises(ValueError, match='ConvNet_D6_W8_relu_none_maxpooling cannot be built for 28x28'):
+        get_network('ConvNet_D6_W8_relu_none_maxpooling', 1, 10, (28, 28), device='cpu')
+    assert meta_network('ConvNet_D6_W8_relu_none_none', *MNIST).classifier.in_features == 8 * 32 * 32
+
+
+def test_parametrised_convnet_trains():
+    torch.manual_seed(0)
+    net = get_network('ConvNet_D2_W16_leakyrelu_layernorm_maxpooling', 1, 10, (28, 28), device='cpu')
+    x, y = make_input(1, (28, 28), batch=4), torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(net(x), y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
