@@ -364,6 +364,7 @@ def main(argv=None):
         check_ipc_fits(data, args.ipc)
     if args.build:
         build_memories(data, args)
+        parallel.gather_to_all(None)  # every process's memory files are written before any is read
         if args.build_only:
             return None
 

@@ -8,7 +8,7 @@
 
 The candidates are ConvNets, depth x width x activation x normalisation x pooling (720 by default, the paper's
 space), built through the model zoo by name: ConvNet_D{depth}_W{width}_{act}_{norm}_{pool}. Each is trained on the
-proxy set with the evaluation protocol (utils.train_and_test: --epochs + 1 epochs of SGD, momentum 0.9, weight decay
+proxy set with the evaluation protocol (training.train_and_test: --epochs + 1 epochs of SGD, momentum 0.9, weight decay
 5e-4, lr x0.1 after half) and tested on the real test set. DSA and DM sets train with DSA augmentation, other proxies
 without (--dsa_strategy changes that). Proxies:
   random       --ipc real training images per class (from --seed)
@@ -31,6 +31,7 @@ reports the proxy accuracies and prints the --ground_truth command that fills th
 """
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -38,13 +39,19 @@ import re
 import shlex
 import sys
 import time
-import zlib
 
 import numpy as np
 import torch
 
 # Project internals, imported in this one place only (utils.py is being split into modules: repoint them here).
+import base
+import parallel
+import rng
+import experiment
+import results
+import training
 import utils
+from data import DATASETS, load_dataset
 from augment import parse_strategy
 from networks import CONVNET_ACTS, CONVNET_NORMS, CONVNET_POOLS, convnet_name, get_network
 
@@ -73,11 +80,11 @@ def parse_space_value(dim, text):
         except ValueError:
             value = 0
         if value < 1:
-            raise utils.UserError(f"--{dim} {text!r} is not a positive integer "
+            raise base.UserError(f"--{dim} {text!r} is not a positive integer "
                                   f"(the paper's: {' '.join(map(str, PAPER_SPACE[dim]))})")
         return value
     if text not in SPACE_CHOICES[dim]:
-        raise utils.UserError(f"--{dim} {text!r} is not one of: {', '.join(SPACE_CHOICES[dim])}")
+        raise base.UserError(f"--{dim} {text!r} is not one of: {', '.join(SPACE_CHOICES[dim])}")
     return text
 
 
@@ -87,7 +94,7 @@ def parse_space(args):
     for dim in PAPER_SPACE:
         texts = getattr(args, dim)
         if not texts:
-            raise utils.UserError(f"--{dim} needs at least one value (the paper's: "
+            raise base.UserError(f"--{dim} needs at least one value (the paper's: "
                                   f"{' '.join(map(str, PAPER_SPACE[dim]))})")
         space[dim] = list(dict.fromkeys(parse_space_value(dim, t) for t in texts))
     return space
@@ -102,16 +109,16 @@ def search_space(space):
 def check_buildable(candidates, dataset):
     """Build every candidate on the meta device (no memory, no RNG): one that cannot exist for the dataset's image
     size fails here, named, before any data is loaded or any training starts."""
-    info = utils.DATASETS[dataset]
+    info = DATASETS[dataset]
     with torch.device('meta'):
         for name in candidates:
             get_network(name, info['channel'], info['num_classes'], info['im_size'], device='meta')
 
 
 def my_share(candidates):
-    """The candidates this process trains: all of them for now. This is where torch.distributed plugs in (rank r of
-    w takes candidates[r::w]; the proxy accuracies are then gathered before the report)."""
-    return list(candidates)
+    """The candidates this process trains: all of them in one process; under torchrun rank r of N takes
+    candidates r, r + N, ... (results are gathered before the report)."""
+    return parallel.Team(shared=True).share(candidates)
 
 # -----------------------------------------------------------------------------
 # ranks and correlation
@@ -160,24 +167,19 @@ def rank_by_proxy(names, proxy_accs):
 # training one candidate
 
 
-def candidate_seed(seed, name):
-    """The seed of one candidate's initialisation, batch order and augmentation: a function of (seed, name) alone,
-    so an accuracy does not depend on which candidates ran before it, or in which process."""
-    return zlib.crc32(f'{seed}|{name}'.encode())
-
-
 def new_candidate(name, data, args):
-    """A freshly initialised candidate and its NetRandom, both from candidate_seed."""
-    seed = candidate_seed(args.seed, name)
-    utils.set_seed(seed)
-    net = get_network(name, data.channel, data.num_classes, data.im_size, device=args.device)
-    return net, utils.NetRandom(seed, seed + 1, args.device)
+    """A freshly initialised candidate and its NetRandom, from streams addressed by (seed, name) alone, so an
+    accuracy does not depend on which candidates ran before it, or in which process."""
+    with rng.seeded(args.device, args.seed, 'nas', name):
+        net = get_network(name, data.channel, data.num_classes, data.im_size, device=args.device)
+    return net, training.NetRandom(rng.derive_seed(args.seed, 'nas', name, 'train'),
+                                   rng.derive_seed(args.seed, 'nas', name, 'choice'), args.device)
 
 
 def train_candidate(name, images, labels, data, epochs, args, dsa_strategy=None):
     """Test accuracy of a candidate trained on (images, labels) by the evaluation protocol."""
     net, rand = new_candidate(name, data, args)
-    return utils.train_and_test(net, images, labels, data.images_test, data.labels_test, epochs, args.lr_net,
+    return training.train_and_test(net, images, labels, data.images_test, data.labels_test, epochs, args.lr_net,
                                 args.batch_train, dsa_strategy, rand=rand)
 
 
@@ -186,8 +188,8 @@ def train_candidate_early_stop(name, images, labels, data, args, chunk, dsa_stra
     with every epoch's chunk drawn afresh from (images, labels): the same batches, batch size and lr schedule as the
     proxy training, on data from the whole set.
 
-    utils.train_and_test keeps one training set for all epochs, so its schedule (lr x0.1 with a fresh optimizer
-    after epoch epochs // 2) is replayed here over utils.train_epoch."""
+    training.train_and_test keeps one training set for all epochs, so its schedule (lr x0.1 with a fresh optimizer
+    after epoch epochs // 2) is replayed here over training.train_epoch."""
     net, rand = new_candidate(name, data, args)
     epochs, lr = args.epochs, args.lr_net
     total = chunk * (epochs + 1)
@@ -197,11 +199,11 @@ def train_candidate_early_stop(name, images, labels, data, args, chunk, dsa_stra
     decay_epoch = epochs // 2 + 1
     for ep in range(epochs + 1):
         idx = stream[ep * chunk:(ep + 1) * chunk]
-        utils.train_epoch(net, optimizer, images[idx], labels[idx], args.batch_train, dsa_strategy, rand=rand)
+        training.train_epoch(net, optimizer, images[idx], labels[idx], args.batch_train, dsa_strategy, rand=rand)
         if ep == decay_epoch:
             lr *= 0.1
             optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    return utils.test_accuracy(net, data.images_test, data.labels_test)
+    return training.test_accuracy(net, data.images_test, data.labels_test)
 
 # -----------------------------------------------------------------------------
 # training sets: proxies and the ground truth's
@@ -210,15 +212,15 @@ def train_candidate_early_stop(name, images, labels, data, args, chunk, dsa_stra
 def check_per_class(data, n, flag):
     smallest = min(int(idx.numel()) for idx in data.indices_class)
     if n > smallest:
-        raise utils.UserError(f'{flag} {n} is larger than the smallest class of {data.name} ({smallest} training '
+        raise base.UserError(f'{flag} {n} is larger than the smallest class of {data.name} ({smallest} training '
                               f'images)')
 
 
 def random_per_class(data, n, seed):
     """n random real training images per class, class after class, drawn from `seed`. With one seed, the n images
     of a smaller draw are among those of a larger one (each class draws one permutation)."""
-    utils.set_seed(seed)
-    idx = torch.cat([utils.sample_class_indices(data, c, n) for c in range(data.num_classes)])
+    idx = torch.cat([utils.sample_class_indices(data, c, n, utils.class_generator(data, (seed,), 'nas-random', c))
+                     for c in range(data.num_classes)])
     return data.images_train[idx], data.labels_train[idx]
 
 
@@ -264,15 +266,15 @@ def learned_set_method(path, obj):
 
 def load_file_proxy(args):
     """The set --proxy FILE names (images, labels, method), checked against --dataset before any data is loaded."""
-    info = utils.DATASETS[args.dataset]
-    sets = utils.load_synthetic_sets(args.proxy, info['channel'], info['im_size'], info['num_classes'])
-    obj = utils.load_torch_file(args.proxy, 'synthetic set')
+    info = DATASETS[args.dataset]
+    sets = results.load_synthetic_sets(args.proxy, info['channel'], info['im_size'], info['num_classes'])
+    obj = base.load_torch_file(args.proxy, 'synthetic set')
     config = obj.get('config') if isinstance(obj.get('config'), dict) else {}
     if config.get('dataset') not in (None, args.dataset):
-        raise utils.UserError(f"'{args.proxy}' was learned on {config['dataset']}, not {args.dataset}; "
+        raise base.UserError(f"'{args.proxy}' was learned on {config['dataset']}, not {args.dataset}; "
                               f"check --dataset")
     if args.set_index >= len(sets):
-        raise utils.UserError(f"--set_index {args.set_index} is out of range: '{args.proxy}' holds {len(sets)} "
+        raise base.UserError(f"--set_index {args.set_index} is out of range: '{args.proxy}' holds {len(sets)} "
                               f"set(s)")
     images, labels = sets[args.set_index]
     return images, labels, learned_set_method(args.proxy, obj)
@@ -283,7 +285,7 @@ def proxy_augmentation(args, method):
     DM sets (the way they are evaluated) and none for the others."""
     if args.dsa_strategy != 'auto':
         return args.dsa_strategy if parse_strategy(args.dsa_strategy) else None
-    return utils.default_dsa_strategy(args.dataset) if method in ('DSA', 'DM') else None
+    return training.default_dsa_strategy(args.dataset) if method in ('DSA', 'DM') else None
 
 
 def make_proxy(args, data, gt_set, file_proxy=None):
@@ -337,18 +339,22 @@ def load_gt_cache(path):
         with open(path) as f:
             cache = json.load(f)
     except (OSError, ValueError) as e:
-        raise utils.UserError(f'the ground-truth cache {path} is unreadable ({e}); delete it to start it afresh')
+        raise base.UserError(f'the ground-truth cache {path} is unreadable ({e}); delete it to start it afresh')
     if not isinstance(cache, dict):
-        raise utils.UserError(f'the ground-truth cache {path} is not a JSON object; delete it to start it afresh')
+        raise base.UserError(f'the ground-truth cache {path} is not a JSON object; delete it to start it afresh')
     return cache
 
 
 def record_ground_truth(path, key, acc, seconds):
-    """Add one candidate's result to the cache file, re-read first so that entries another process wrote in the
-    meantime are kept; the atomic rewrite leaves either the old or the new file after an interruption."""
-    cache = load_gt_cache(path)
-    cache[key] = {'acc': acc, 'seconds': seconds}
-    utils.write_json_atomic(path, cache)
+    """Add one candidate's result to the cache file, re-read first under a lock so that entries other processes
+    (torchrun) wrote in the meantime are kept; the atomic rewrite leaves either the old or the new file after an
+    interruption."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = load_gt_cache(path)
+        cache[key] = {'acc': acc, 'seconds': seconds}
+        base.write_json_atomic(path, cache)
 
 
 def run_ground_truth(args, data, candidates, gt_set):
@@ -357,7 +363,7 @@ def run_ground_truth(args, data, candidates, gt_set):
     cache = load_gt_cache(path)
     mine = my_share(candidates)
     todo = [name for name in mine if gt_key(name, args) not in cache]
-    utils.log(args, f'ground truth: {len(mine) - len(todo)} of {len(mine)} candidates cached in {path}; training '
+    base.log(args, f'ground truth: {len(mine) - len(todo)} of {len(mine)} candidates cached in {path}; training '
                     f'{len(todo)} for {args.whole_epochs} + 1 epochs on the {gt_set.description}')
     start = time.time()
     done = 0
@@ -368,15 +374,17 @@ def run_ground_truth(args, data, candidates, gt_set):
             seconds = time.time() - t
             record_ground_truth(path, gt_key(name, args), acc, seconds)
             done += 1
-            utils.log(args, f'[{done}/{len(todo)}] {name}: whole-set accuracy {acc * 100:.2f}% ({seconds:.1f} s)')
+            base.log(args, f'[{done}/{len(todo)}] {name}: whole-set accuracy {acc * 100:.2f}% ({seconds:.1f} s)')
     except KeyboardInterrupt:
         print(f'interrupted: {done} new candidate(s) are saved in {path}; run the same command again to train the '
               f'other {len(todo) - done}', file=sys.stderr)
         raise SystemExit(130)
+    parallel.gather_to_all(len(todo))  # every process's candidates are in the cache before anyone reads it
     minutes = (time.time() - start) / 60
     rate = f', {len(todo) / minutes:.2f} candidates per minute' if todo and minutes > 0 else ''
-    print(f'ground truth on {args.dataset}: {len(todo)} trained, {len(mine) - len(todo)} reused from {path} '
-          f'({args.whole_epochs} + 1 epochs on the {gt_set.description}); {minutes:.2f} min{rate}')
+    if parallel.rank() == 0:
+            print(f'ground truth on {args.dataset}: {len(todo)} trained, {len(mine) - len(todo)} reused from {path} '
+              f'({args.whole_epochs} + 1 epochs on the {gt_set.description}); {minutes:.2f} min{rate}')
 
 # -----------------------------------------------------------------------------
 # the proxy search and its report
@@ -385,15 +393,17 @@ def run_ground_truth(args, data, candidates, gt_set):
 def run_proxy_search(args, data, candidates, proxy):
     """{name: proxy test accuracy} of this process's candidates, and the wall time in seconds."""
     mine = my_share(candidates)
-    utils.log(args, f'proxy {proxy.description}; augmentation {proxy.dsa_strategy or "none"}; {len(mine)} '
+    base.log(args, f'proxy {proxy.description}; augmentation {proxy.dsa_strategy or "none"}; {len(mine)} '
                     f'candidates, {args.epochs} + 1 epochs each, device {args.device}')
     accs = {}
     start = time.time()
     for k, name in enumerate(mine):
         t = time.time()
         accs[name] = proxy_accuracy(name, proxy, data, args)
-        utils.log(args, f'[{k + 1}/{len(mine)}] {name}: proxy accuracy {accs[name] * 100:.2f}% '
+        base.log(args, f'[{k + 1}/{len(mine)}] {name}: proxy accuracy {accs[name] * 100:.2f}% '
                         f'({time.time() - t:.1f} s)')
+    for part in parallel.gather_to_all(accs):  # every process's candidates, for the report
+        accs.update(part)
     return accs, time.time() - start
 
 
@@ -526,14 +536,16 @@ def plot_scatter(report, path):
 
 
 def write_report(args, report):
-    """Print the table; write the JSON and, with the ground truth complete, the scatter plot."""
+    """Print the table; write the JSON and, with the ground truth complete, the scatter plot (rank 0 only)."""
+    if parallel.rank() != 0:
+        return
     print(report_markdown(report))
     stem = os.path.join(args.save_path, f"nas_{args.dataset}_{report['proxy']}")
-    utils.write_json_atomic(stem + '.json', report)
-    utils.log(args, f'report written to {stem}.json')
+    base.write_json_atomic(stem + '.json', report)
+    base.log(args, f'report written to {stem}.json')
     if report['ground_truth']['missing'] == 0 and report['candidates']:
         plot_scatter(report, stem + '.png')
-        utils.log(args, f'scatter plot written to {stem}.png')
+        base.log(args, f'scatter plot written to {stem}.png')
 
 # -----------------------------------------------------------------------------
 # command line
@@ -543,7 +555,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors, so that a bad flag ends in one line like every other bad input."""
 
     def error(self, message):
-        raise utils.UserError(f'{message} (see python NAS.py --help)')
+        raise base.UserError(f'{message} (see python NAS.py --help)')
 
 
 def parse_args(argv=None):
@@ -576,25 +588,27 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Validate every flag before any data is loaded; returns the candidates. Bad input fails in one line."""
-    utils.check_choice(args.dataset, list(utils.DATASETS), 'dataset')
+    base.check_choice(args.dataset, list(DATASETS), 'dataset')
     if args.proxy is None and not args.ground_truth:
-        raise utils.UserError('nothing to do: give --proxy random|early_stop|FILE.pt and/or --ground_truth')
+        raise base.UserError('nothing to do: give --proxy random|early_stop|FILE.pt and/or --ground_truth')
     if args.proxy is not None and args.proxy not in BUILTIN_PROXIES and not os.path.isfile(args.proxy):
-        raise utils.UserError(f"unknown --proxy {args.proxy!r}: use random, early_stop or the path of a res_*.pt "
+        raise base.UserError(f"unknown --proxy {args.proxy!r}: use random, early_stop or the path of a res_*.pt "
                               f"file (no such file)")
     for flag, low in (('ipc', 1), ('epochs', 0), ('whole_epochs', 0), ('batch_train', 1), ('set_index', 0)):
         if getattr(args, flag) < low:
-            raise utils.UserError(f'--{flag} must be at least {low}, got {getattr(args, flag)}')
+            raise base.UserError(f'--{flag} must be at least {low}, got {getattr(args, flag)}')
     if args.train_subset is not None and args.train_subset < 1:
-        raise utils.UserError(f'--train_subset must be at least 1, got {args.train_subset}')
+        raise base.UserError(f'--train_subset must be at least 1, got {args.train_subset}')
     if not args.lr_net > 0:
-        raise utils.UserError(f'--lr_net must be positive, got {args.lr_net}')
+        raise base.UserError(f'--lr_net must be positive, got {args.lr_net}')
     if args.dsa_strategy != 'auto':
         parse_strategy(args.dsa_strategy)
     args.space = parse_space(args)
     candidates = search_space(args.space)
     check_buildable(candidates, args.dataset)
-    args.device = utils.get_device(args.device)
+    args.device = parallel.setup(args.device)  # last: under torchrun only valid flags reach the other processes
+    if parallel.rank() != 0:
+        args.quiet = True
     return candidates
 
 
@@ -604,7 +618,7 @@ def main(argv=None):
     file_proxy = None
     if args.proxy is not None and args.proxy not in BUILTIN_PROXIES:
         file_proxy = load_file_proxy(args)
-    data = utils.get_dataset(args.dataset, args.data_path).to(args.device)
+    data = load_dataset(args.dataset, args.data_path).to(args.device)
     gt_set = ground_truth_set(args, data)
     if args.ground_truth:
         run_ground_truth(args, data, candidates, gt_set)
@@ -618,4 +632,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    utils.cli(main)
+    experiment.cli(main)

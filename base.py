@@ -31,7 +31,7 @@ def short_error(exc, limit=200):
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _atomic_write(path, write_fn, mode):
+def atomic_write(path, write_fn, mode="wb"):
     """Write through write_fn(file) into a temp file next to `path`, then rename it over `path`.
 
     The rename is atomic on POSIX, so an interrupted run never leaves a truncated file behind
@@ -55,12 +55,12 @@ def _atomic_write(path, write_fn, mode):
 
 def save_torch_file_atomic(obj, path):
     """torch.save(obj) to `path` atomically (temp file in the same directory + os.replace)."""
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def write_text_atomic(path, text):
     """Write the string `text` to `path` atomically, creating parent directories."""
-    _atomic_write(path, lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def write_json_atomic(path, obj):

@@ -10,11 +10,12 @@ so an interruption never leaves a truncated PNG behind.
 """
 import os
 import re
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+
+from base import atomic_write
 
 
 def denormalize(images, mean, std):
@@ -35,21 +36,9 @@ def to_uint8_array(image):
 
 
 def save_png_atomic(array, path):
-    """Write a uint8 array as a PNG: a temp file in the same folder, then a rename over `path`.
-
-    The temp name starts with '.' and ends in '.tmp', so even a leftover after a crash is never taken for an
-    image by ImageFolder (it only lists image extensions)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            Image.fromarray(array).save(f, format='PNG')
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """Write a uint8 array as a PNG atomically (base.atomic_write: a temp file whose name starts with '.' and ends in
+    '.tmp', so even a leftover after a crash is never taken for an image by ImageFolder, then a rename)."""
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format='PNG'))
 
 
 def safe_name(name):

@@ -16,8 +16,10 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from dataclasses import dataclass, field
+
+from base import atomic_write
+from utils import EVAL_POOLS  # the cross-architecture and ablation pools (SPEC §3)
 
 # ---------------------------------------------------------------------------------------------
 # The papers' numbers (SPEC §9): ConvNet test accuracy in %, ipc 1 / 10 / 50; None where the papers give none
@@ -80,16 +82,6 @@ def paper_value(method, dataset, ipc):
     return means[k], (stds[k] if stds else None)
 
 
-# Evaluation pools of the cross-architecture and ablation tables (SPEC §3; a test checks them against utils.py)
-EVAL_POOLS = {
-    'M': ['MLP', 'ConvNet', 'LeNet', 'AlexNet', 'VGG11', 'ResNet18'],
-    'B': ['ConvNetBN', 'ConvNetASwishBN', 'AlexNetBN', 'VGG11BN', 'ResNet18BN'],
-    'W': ['ConvNetW32', 'ConvNetW64', 'ConvNetW128', 'ConvNetW256'],
-    'D': ['ConvNetD1', 'ConvNetD2', 'ConvNetD3', 'ConvNetD4'],
-    'A': ['ConvNetAS', 'ConvNetAR', 'ConvNetAL', 'ConvNetASwish'],
-    'P': ['ConvNetNP', 'ConvNetMP', 'ConvNetAP'],
-    'N': ['ConvNetNN', 'ConvNetBN', 'ConvNetLN', 'ConvNetIN', 'ConvNetGN'],
-}
 ABLATION_TITLES = {'W': 'network width', 'D': 'network depth', 'A': 'activation', 'P': 'pooling',
                    'N': 'normalisation'}
 TABLE_NAMES = ('table1', 'cross_arch', *[f'ablation_{m}' for m in ABLATION_TITLES], 'continual', 'runs')
@@ -684,17 +676,8 @@ def pyplot():
 
 
 def save_figure_atomic(fig, path):
-    """savefig into a temp file next to `path`, then rename: an interruption leaves no truncated PNG."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            fig.savefig(f, format='png', dpi=100)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """savefig through base.atomic_write: an interruption leaves no truncated PNG."""
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
 def accuracy_curves(record):

@@ -1,13 +1,12 @@
 """Result files (SPEC §8): res_*.pt in the published structure, the vis png grids, the JSON summaries and the final
 report lines of a run, and reading a synthetic-set file made by us or by the original code."""
-import os
 import time
 
 import numpy as np
 import torch
 
 import parallel
-from base import UserError, load_torch_file, log, save_torch_file_atomic, write_json_atomic
+from base import UserError, atomic_write, load_torch_file, log, save_torch_file_atomic, write_json_atomic
 
 def result_stem(method, dataset, model, ipc):
     return f'{method}_{dataset}_{model}_{ipc}ipc'
@@ -30,10 +29,7 @@ def save_vis(path, images, mean, std, nrow):
         r, col = divmod(k, nrow)
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[k]
     array = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    Image.fromarray(array).save(tmp, format='PNG')
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format='PNG'))
 
 
 def summarize(accs_all_exps):

@@ -32,7 +32,10 @@ def draw_int(gen, high=2 ** 31 - 1):
 def seeded(device, *key):
     """The global torch RNG seeded from the key inside the block, restored after it: for what draws from it by
     design, such as a network's default initialisation."""
-    devices = [torch.device(device).index or 0] if torch.device(device).type == 'cuda' else []
+    device = torch.device(device)
+    devices = []
+    if device.type == 'cuda':
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(derive_seed(*key))
         yield

@@ -64,7 +64,8 @@ def test_dsa_eval_switches_evaluation_augmentation_off():
 
 
 def test_export_png_writes_an_image_folder(mnist, tmp_path):
-    main.main(['--dataset', 'MNIST', '--data_path', mnist, '--ipc', '2', '--Iteration', '1', '--num_exp', '1',
+    main.main(['--dataset', 'MNIST', '--data_path', mnist, '--ipc', '2', '--outer_loop', '1', '--inner_loop', '1',
+               '--Iteration', '1', '--num_exp', '1',
                '--num_eval', '1', '--epoch_eval_train', '1', '--batch_real', '4', '--device', 'cpu', '--quiet',
                '--save_path', str(tmp_path / 'res'), '--export_png', str(tmp_path / 'png')])
     stored = base.load_torch_file(tmp_path / 'res' / 'res_DC_MNIST_ConvNet_2ipc.pt', 'r')['data'][0]

@@ -12,7 +12,9 @@ import scipy.stats
 import torch
 
 import NAS
-import utils
+import base
+import experiment
+import training
 from conftest import write_mnist
 from networks import get_network
 
@@ -199,7 +201,7 @@ def test_train_subset_is_its_own_cache_key(mnist_dir, tmp_path):
 
 def test_unreadable_cache_is_one_line_error(mnist_dir, tmp_path):
     (tmp_path / 'nas_gt_MNIST.json').write_text('{not json')
-    with pytest.raises(utils.UserError, match='unreadable'):
+    with pytest.raises(base.UserError, match='unreadable'):
         run_nas(mnist_dir, tmp_path, '--ground_truth', *SPACE_2)
 
 # -----------------------------------------------------------------------------
@@ -258,13 +260,13 @@ def test_candidates_are_seeded_by_name_not_by_order(mnist_dir, tmp_path):
 
 def test_early_stop_takes_the_proxy_batches_from_the_whole_set(mnist_dir, tmp_path, monkeypatch):
     seen = []
-    real = utils.train_epoch
+    real = training.train_epoch
 
     def recording(net, optimizer, images, labels, batch_size, *args, **kwargs):
         seen.append((images.shape[0], batch_size, optimizer.param_groups[0]['lr']))
         return real(net, optimizer, images, labels, batch_size, *args, **kwargs)
 
-    monkeypatch.setattr(utils, 'train_epoch', recording)
+    monkeypatch.setattr(training, 'train_epoch', recording)
     report = run_nas(mnist_dir, tmp_path, '--proxy', 'early_stop', '--epochs', '4', '--ipc', '2',
                      '--batch_train', '8', *SPACE_2[:-4], 'none', '--pool', 'avgpooling')
     # 4 + 1 epochs of ipc x classes = 20 images each, lr x0.1 after epoch 4 // 2 + 1, as train_and_test does
@@ -334,7 +336,7 @@ def test_bad_input_is_one_line_and_exit_2(mnist_dir, tmp_path, capsys):
         full = ['--dataset', 'MNIST', '--data_path', mnist_dir, '--save_path', str(tmp_path), '--device', 'cpu',
                 '--quiet', *argv]
         with pytest.raises(SystemExit) as exc:
-            utils.cli(lambda: NAS.main(full))
+            experiment.cli(lambda: NAS.main(full))
         err = capsys.readouterr().err
         assert exc.value.code == 2, argv
         assert err.startswith('error: ') and err.count('\n') == 1, (argv, err)

@@ -325,11 +325,6 @@ def test_unexpected_failure_is_one_line(hand_set, capsys, monkeypatch):
     assert code == 2 and err.strip() == 'error: ZeroDivisionError: division by zero'
 
 
-def test_eval_pools_match_utils():
-    import utils
-    assert report.EVAL_POOLS == utils.EVAL_POOLS
-
-
 # ---------------------------------------------------------------------------------------------
 # export.py
 # ---------------------------------------------------------------------------------------------
