@@ -54,7 +54,7 @@ TABLE1_COLUMN = {m: 2 + k for k, m in enumerate(report.TABLE1_METHODS)}
 
 @pytest.fixture(scope='module')
 def tiny_runs(tmp_path_factory):
-    """DC and DM (1 iteration, evaluated before and after) and random on tiny MNIST, and a --load_syn evaluation on
+    """DC and DM (2 iterations, evaluated before and after) and random on tiny MNIST, and a --load_syn evaluation on
     pool A of a set saved in the published structure: the scripts themselves, side by side (one thread each, as the
     machine may be shared)."""
     base = tmp_path_factory.mktemp('tiny_runs')
@@ -63,9 +63,9 @@ def tiny_runs(tmp_path_factory):
     torch.save({'data': [[torch.randn(10, 1, 28, 28), torch.arange(10)]], 'accs_all_exps': {}}, published)
     out = base / 'result'
     common = [*TINY, '--data_path', str(data), '--save_path', str(out)]
-    jobs = [['main.py', '--method', 'DC', '--Iteration', '1', '--eval_every', '1', *common],
+    jobs = [['main.py', '--method', 'DC', '--Iteration', '2', '--eval_every', '2', *common],
             ['main.py', '--method', 'random', *common],
-            ['main_DM.py', '--Iteration', '1', '--eval_every', '1', *common],
+            ['main_DM.py', '--Iteration', '2', '--eval_every', '2', *common],
             ['main.py', '--load_syn', str(published), '--eval_mode', 'A', *common]]
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     procs = [subprocess.Popen([sys.executable, *job], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -113,10 +113,11 @@ def test_tiny_real_runs_plots(tiny_runs, tmp_path, capsys):
     code, out, err = report_in_process(capsys, tiny_runs, '--table', 'table1', '--plots', tmp_path)
     assert code == 0
     names = sorted(os.listdir(tmp_path))
-    expected = ['acc_DC_MNIST_ConvNet_1ipc.png', 'acc_DM_MNIST_ConvNet_1ipc.png', 'acc_vs_ipc_MNIST.png']
-    for method in ('DC', 'DM'):  # once the runner records the loss per iteration, each learned set has a loss plot
-        if json.loads((tiny_runs / f'res_{method}_MNIST_ConvNet_1ipc.json').read_text()).get('loss_history'):
-            expected.append(f'loss_{method}_MNIST_ConvNet_1ipc.png')
+    expected = ['acc_DC_MNIST_ConvNet_1ipc.png', 'acc_DM_MNIST_ConvNet_1ipc.png', 'acc_vs_ipc_MNIST.png',
+                'loss_DC_MNIST_ConvNet_1ipc.png', 'loss_DM_MNIST_ConvNet_1ipc.png']  # the runs record 2 losses each
+    for method in ('DC', 'DM'):
+        losses = json.loads((tiny_runs / f'res_{method}_MNIST_ConvNet_1ipc.json').read_text())['loss_history']
+        assert [h['iteration'] for h in losses] == [0, 1] and all(h['loss'] > 0 for h in losses)
     assert names == sorted(expected)
     for name in names:
         check_png(tmp_path / name)
