@@ -12,6 +12,7 @@ from PIL import Image
 
 import export
 import report
+import tables
 from conftest import write_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def table_row(out, *first_cells):
     return [c.strip() for c in rows[0].strip('|').split(' | ')]
 
 
-TABLE1_COLUMN = {m: 2 + k for k, m in enumerate(report.TABLE1_METHODS)}
+TABLE1_COLUMN = {m: 2 + k for k, m in enumerate(tables.TABLE1_METHODS)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def test_tiny_real_evaluation_fills_ablation_and_runs_tables(tiny_runs, capsys):
     evaluation = json.loads((tiny_runs / 'eval_res_DC_MNIST_ConvNet_1ipc_A.json').read_text())['results']
     row = table_row(out, 'DC', 'MNIST', '1', 'ConvNet')
     assert 'Ablation A: activation' in out
-    for k, model in enumerate(report.EVAL_POOLS['A']):
+    for k, model in enumerate(tables.EVAL_POOLS['A']):
         n = evaluation[model]['n']
         assert n == 2  # the one stored set, num_eval 2 networks: counted as 1 experiment x 2 networks
         assert row[4 + k] == f"{evaluation[model]['mean']:.1f} ± {evaluation[model]['std']:.1f} (1×2)"
@@ -168,7 +169,7 @@ def hand_set(tmp_path):
     write_run(root / 'a', 'DSA', 'CIFAR10', 10, {'MLP': [0.30, 0.32], 'ConvNet': [0.52, 0.52]}, eval_mode='M',
               name='eval_res_DSA_CIFAR10_ConvNet_10ipc_M.json', file='/x/res_DSA_CIFAR10_ConvNet_10ipc.pt')
     # an ablation: learned with ConvNetW32, evaluated on every width
-    write_run(root / 'a', 'DC', 'CIFAR10', 1, {m: [0.20, 0.22] for m in report.EVAL_POOLS['W']}, model='ConvNetW32',
+    write_run(root / 'a', 'DC', 'CIFAR10', 1, {m: [0.20, 0.22] for m in tables.EVAL_POOLS['W']}, model='ConvNetW32',
               eval_mode='W')
     # continual learning, 2 steps
     write_json(root / 'a' / 'cl_DM_CIFAR100_ConvNet_20ipc_2steps.json', {
@@ -313,7 +314,7 @@ def test_unknown_table_lists_valid_ones(hand_set, capsys):
         code, out, err = report_in_process(capsys, hand_set, *flags)
         assert code == 2 and out == ''
         assert err.count('\n') == 1 and "unknown table 'table9'" in err
-        assert all(name in err for name in report.TABLE_NAMES)
+        assert all(name in err for name in tables.TABLE_NAMES)
     code, out, err = report_in_process(capsys, hand_set, '--commands', 'table1')
     assert code == 2 and 'needs --dataset' in err
     code, out, err = report_in_process(capsys, hand_set, '--commands', 'table1', '--dataset', 'Imagenette')
