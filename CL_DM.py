@@ -21,18 +21,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from augment import parse_strategy
 import base
-import parallel
-import rng
 import coreset
+import parallel
 import results
+import rng
 import training
 import utils
-from data import DATASETS, check_ipc_fits, class_indices, load_dataset
-from networks import MODEL_NAMES, get_network
+from augment import parse_strategy
 from base import UserError
+from data import DATASETS, check_ipc_fits, class_indices, load_dataset
 from experiment import cli
+from networks import MODEL_NAMES, get_network
 
 METHODS = ('random', 'herding', 'DSA', 'DM')
 BUILT_METHODS = ('herding', 'DSA', 'DM')

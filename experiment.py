@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from augment import ParamDiffAug, parse_strategy
-from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed
 import export
 import parallel
+from augment import ParamDiffAug, parse_strategy
+from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed
 from data import DATASETS, check_ipc_fits
 from networks import MODEL_NAMES, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,

@@ -10,9 +10,9 @@ import argparse
 import base
 import experiment
 import utils
-from networks import get_network, has_batchnorm
 from data import load_dataset
 from experiment import cli
+from networks import get_network, has_batchnorm
 
 
 def parse_args(argv=None):
