@@ -75,11 +75,11 @@ def test_dm_client_then_eval_client(mnist, tmp_path):
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason='real FashionMNIST (dataset-fashion-mnist) not installed')
 def test_dc_client_on_real_fashion_mnist(tmp_path):
     out = run_client('dc_client.py', '--dataset', 'FashionMNIST', '--data_path', tmp_path / 'data', '--method', 'DC',
-                     '--ipc', 1,
-                     '--Iteration', 1, '--num_eval', 1, '--epoch_eval_train', 20, '--batch_real', 16,
+                     '--ipc', 1, '--Iteration', 10, '--num_eval', 1, '--epoch_eval_train', 30, '--batch_real', 32,
                      '--save_path', tmp_path)
     acc = float(re.search(r'test acc = ([01]\.\d{4})', out).group(1))
-    assert acc > 0.2  # 10 images trained 21 epochs on the real set: far above chance (0.1)
+    # 10 DC iterations from noise: far above chance (0.1) and above a noise set (about 0.17)
+    assert acc > 0.3, out
 
 
 def test_get_dataset_is_the_original_nine_tuple(mnist):
