@@ -110,8 +110,4 @@ class Team:
 
 def gather_to_all(obj):
     """[obj of every process] in rank order, on every process (the whole world, whatever the team)."""
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return Team(shared=True).gather(obj)

@@ -23,6 +23,18 @@ def save_figure_atomic(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
+def finish_plot(plt, fig, ax, xlabel, ylabel, title, path, legend_size=8):
+    """What every plot ends with: labelled axes, title, grid, legend, then written atomically and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
 def accuracy_curves(record):
     """Eval model -> (iterations, mean %, std %) over every network of every experiment at each iteration."""
     per_model = {}
@@ -56,14 +68,7 @@ def plot_accuracy_vs_iteration(plt, record, path):
     paper = paper_value(record.method, record.dataset, record.ipc)
     if paper is not None and record.model == table1_model(record.dataset):
         ax.axhline(paper[0], color='gray', linestyle='--', label=f'paper {paper[0]:.1f}%')
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('test accuracy (%)')
-    ax.set_title(f'{run_title(record)}: accuracy (mean ± std over networks)', fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
-    plt.close(fig)
+    finish_plot(plt, fig, ax, 'iteration', 'test accuracy (%)', f'{run_title(record)}: accuracy (mean ± std over networks)', path, legend_size=8)
 
 
 def plot_loss_vs_iteration(plt, record, path):
@@ -78,14 +83,7 @@ def plot_loss_vs_iteration(plt, record, path):
     if all(p[1] > 0 for points in per_exp.values() for p in points):
         ax.set_yscale('log')  # matching losses fall over orders of magnitude
     what = 'distribution matching loss' if record.method == 'DM' else 'gradient matching loss'
-    ax.set_xlabel('iteration')
-    ax.set_ylabel(what)
-    ax.set_title(f'{run_title(record)}: {what}', fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
-    plt.close(fig)
+    finish_plot(plt, fig, ax, 'iteration', what, f'{run_title(record)}: {what}', path, legend_size=8)
 
 
 def plot_accuracy_vs_ipc(plt, dataset, cells, path):
@@ -115,14 +113,7 @@ def plot_accuracy_vs_ipc(plt, dataset, cells, path):
     ax.set_xscale('log')
     ax.set_xticks(sorted(ipcs_seen))
     ax.set_xticklabels([str(i) for i in sorted(ipcs_seen)])
-    ax.set_xlabel('images per class (ipc)')
-    ax.set_ylabel('test accuracy (%)')
-    ax.set_title(f'{dataset}: accuracy vs images per class ({table1_model(dataset)})', fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
-    plt.close(fig)
+    finish_plot(plt, fig, ax, 'images per class (ipc)', 'test accuracy (%)', f'{dataset}: accuracy vs images per class ({table1_model(dataset)})', path, legend_size=7)
 
 
 def unique_path(directory, name, used):

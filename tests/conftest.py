@@ -195,6 +195,17 @@ def write_tiny_imagenet_folder(data_path, num_classes=3, train_per_class=4, val_
 
 # ---------------------------------------------------------------- fixtures
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module of tests on tiny tensors: on a shared 2-core machine extra threads only add
+    synchronisation. Use with `pytestmark = pytest.mark.usefixtures('one_thread')`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def mnist_path(tmp_path):
     return write_mnist(tmp_path)

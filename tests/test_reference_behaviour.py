@@ -33,13 +33,7 @@ STRATEGY = 'color_crop_cutout_scale_rotate'
 BN_PER_CLASS = 16  # SPEC §4: BatchNorm statistics from 16 real images per class
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny tensors on a shared 2-core machine: extra threads only add synchronisation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -20,13 +20,7 @@ from networks import get_network
 DSA = 'color_crop_cutout_scale_rotate'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny tensors: threads only add synchronisation, which is very slow on a busy shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
