@@ -370,6 +370,7 @@ def cli(main_fn):
     stops the others."""
     try:
         main_fn()
+        parallel.finish()
     except (UserError, ValueError) as e:
         where = f'[rank {parallel.rank()}] ' if parallel.launched() else ''
         print(f'{where}error: {e}', file=sys.stderr)

@@ -58,6 +58,13 @@ def _device_of_this_process(device_flag):
     return f'cuda:{local_rank}'
 
 
+def finish():
+    """After a successful run: every process waits for the others before any leaves the group (a process that tears
+    its connections down while a peer is still in its last collective can abort the peer)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()
