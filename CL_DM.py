@@ -32,7 +32,7 @@ from augment import parse_strategy
 from base import UserError
 from data import DATASETS, check_ipc_fits, class_indices, load_dataset
 from experiment import cli
-from networks import MODEL_NAMES, get_network
+from networks import check_model_name, get_network
 
 METHODS = ('random', 'herding', 'DSA', 'DM')
 BUILT_METHODS = ('herding', 'DSA', 'DM')
@@ -84,7 +84,7 @@ def check_args(args):
     """Validate every flag before any data is loaded, so a bad value fails in one line."""
     base.check_choice(args.method, METHODS, 'method')
     base.check_choice(args.dataset, list(DATASETS), 'dataset')
-    base.check_choice(args.model, MODEL_NAMES, 'model')
+    check_model_name(args.model)
     base.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
     for flag in ('ipc', 'steps', 'num_eval', 'num_orders', 'batch_train', 'batch_real'):
         if getattr(args, flag) < 1:

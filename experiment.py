@@ -15,7 +15,7 @@ import parallel
 from augment import ParamDiffAug, parse_strategy
 from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed
 from data import DATASETS, check_ipc_fits
-from networks import MODEL_NAMES, get_network, has_batchnorm
+from networks import check_model_name, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
                      synthetic_sets)
 from training import evaluate_models
@@ -280,7 +280,8 @@ def add_common_args(parser, **defaults):
     d.update(defaults)
     a = parser.add_argument
     a('--dataset', type=str, default=d['dataset'], help='MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, TinyImageNet')
-    a('--model', type=str, default=d['model'], help='network to condense with (see networks.MODEL_NAMES)')
+    a('--model', type=str, default=d['model'],
+      help='network to condense with: a name of networks.MODEL_NAMES or ConvNet_D{depth}_W{width}_{act}_{norm}_{pool}')
     a('--ipc', type=int, default=d['ipc'], help='images per class')
     a('--eval_mode', type=str, default=d['eval_mode'], help='S SS M B W D A P N (see SPEC)')
     a('--num_exp', type=int, default=d['num_exp'], help='number of experiments')
@@ -334,10 +335,10 @@ SPEED_FLAG_CHOICES = ('auto', '1', '0')
 def check_common_args(args):
     """Validate flags before any data is loaded: every bad value fails in one line."""
     check_choice(args.dataset, list(DATASETS), 'dataset')
-    check_choice(args.model, MODEL_NAMES, 'model')
+    check_model_name(args.model)
     check_choice(args.eval_mode, EVAL_MODES, 'eval_mode')
     for name in get_eval_pool(args.eval_mode, args.model):
-        check_choice(name, MODEL_NAMES, 'model')
+        check_model_name(name)
     check_choice(args.init, ('noise', 'real'), 'init')
     parse_strategy(args.dsa_strategy)
     for flag in ('ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train'):

@@ -433,14 +433,26 @@ def parametrised_convnet(name, channel, num_classes, im_size):
 # public helpers
 
 
+def is_parametrised_name(name):
+    return isinstance(name, str) and name.startswith('ConvNet_')
+
+
+def check_model_name(name):
+    """name itself when get_network can build it (a MODEL_NAMES entry or a well-formed parametrised ConvNet name);
+    otherwise ValueError listing the valid names."""
+    if is_parametrised_name(name):
+        parse_convnet_name(name)
+    elif name not in MODEL_FACTORIES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
+                         f"or {CONVNET_NAME_FORMAT}")
+    return name
+
+
 def get_network(name, channel, num_classes, im_size=(32, 32), device=None):
     """Build a freshly (PyTorch-default) initialised network by name and move it to device.
 
     name: one of MODEL_NAMES, or a parametrised ConvNet name (CONVNET_NAME_FORMAT)."""
-    is_parametrised = isinstance(name, str) and name.startswith('ConvNet_')
-    if name not in MODEL_FACTORIES and not is_parametrised:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
-                         f"or {CONVNET_NAME_FORMAT}")
+    is_parametrised = is_parametrised_name(check_model_name(name))
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     im_size = (int(im_size[0]), int(im_size[1]))

@@ -109,6 +109,19 @@ def test_dm_bn_pool_evaluation(cifar_dir, tmp_path, monkeypatch):
     assert set(summary) == {'ConvNetBN', 'AlexNetBN'}
 
 
+def test_parametrised_convnet_name_learns_the_same_set_as_its_zoo_name(mnist_dir, tmp_path):
+    # ConvNet_D3_W32_relu_instancenorm_avgpooling is ConvNetW32 built from its parts (the NAS search space): with the
+    # same seed every draw is the same, so gradient matching must learn the very same images.
+    sets = {}
+    for name in ('ConvNetW32', 'ConvNet_D3_W32_relu_instancenorm_avgpooling'):
+        run_main(main, mnist_dir, tmp_path / name, '--method', 'DC', '--model', name, '--Iteration', '2')
+        res = check_published_structure(tmp_path / name / f'res_DC_MNIST_{name}_1ipc.pt', 1, 10, (1, 28, 28))
+        assert list(res['accs_all_exps']) == [name]
+        sets[name] = res['data'][0][0]
+    first, second = sets.values()
+    assert torch.equal(first, second)
+
+
 def test_seed_determinism(mnist_dir, tmp_path):
     flags = ['--method', 'DSA', '--ipc', '1', '--Iteration', '3', '--no_vis', '--seed', '7']
     run_main(main, mnist_dir, tmp_path / 'a', *flags)
@@ -185,6 +198,8 @@ def run_cli(*args, cwd=ROOT):
     ('main.py', ['--Iteration', '-1'], '--Iteration must be >= 0'),
     ('main.py', ['--load_syn', 'nope.pt'], "'nope.pt' does not exist"),
     ('main_DM.py', ['--model', 'ResNet99'], "unknown model 'ResNet99'"),
+    ('main.py', ['--model', 'ConvNet_D3_W32_relu_foonorm_avgpooling'], 'norm one of'),
+    ('CL_DM.py', ['--model', 'ConvNet_D0_W32_relu_instancenorm_avgpooling'], "invalid ConvNet name"),
     ('main_DM.py', ['--class_chunk', '-2'], '--class_chunk must be >= 0'),
 ])
 def test_bad_input_one_line_and_nonzero_exit(tmp_path, script, flags, message):
