@@ -106,6 +106,11 @@ def check_args(args):
         utils.get_loops(args.ipc, args.outer_loop, args.inner_loop)  # an ipc outside the paper's table fails here
     if args.lr_img is None:
         args.lr_img = 1.0 if args.method == 'DM' else 0.1
+    base.check_learning_rate(args.lr_img, '--lr_img')
+    base.check_learning_rate(args.lr_net, '--lr_net')
+    base.check_writable_folder(args.save_path, '--save_path')
+    if args.build:
+        base.check_writable_folder(os.path.join(args.data_path, MEMORY_DIR), 'memory (--data_path/metasets/cl_data)')
     args.dsa_param = utils.ParamDiffAug()
     args.device = parallel.setup(args.device)  # last: under torchrun only valid flags reach the other processes
     if parallel.rank() != 0:

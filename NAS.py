@@ -599,8 +599,8 @@ def check_args(args):
             raise base.UserError(f'--{flag} must be at least {low}, got {getattr(args, flag)}')
     if args.train_subset is not None and args.train_subset < 1:
         raise base.UserError(f'--train_subset must be at least 1, got {args.train_subset}')
-    if not args.lr_net > 0:
-        raise base.UserError(f'--lr_net must be positive, got {args.lr_net}')
+    base.check_learning_rate(args.lr_net, '--lr_net')
+    base.check_writable_folder(args.save_path, '--save_path')
     if args.dsa_strategy != 'auto':
         parse_strategy(args.dsa_strategy)
     args.space = parse_space(args)

@@ -1,6 +1,7 @@
 """What every layer needs: the user-facing error type, atomic file writing, safe loading of torch files,
 devices, global seeding and logging. Imports nothing of the project, so every module can import it."""
 import json
+import math
 import os
 import pickle
 import random
@@ -42,6 +43,7 @@ def atomic_write(path, write_fn, mode="wb"):
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide results from colleagues
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
@@ -51,6 +53,42 @@ def atomic_write(path, write_fn, mode="wb"):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def current_umask():
+    """The process's umask, read from /proc/self/status (Linux >= 4.7) so nothing changes it. Elsewhere it is read
+    by setting and restoring it with os.umask: a file another thread creates in between gets umask 0o077 (stricter,
+    never looser); the project creates files from one thread."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+def check_writable_folder(path, flag):
+    """Create the folder `path` (a --save_path-like flag) if needed and check that a file can be written into it,
+    so that a typo fails in one line before hours of work, not when the first result is written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix='.write_check.')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} folder '{path}' cannot be created or written ({e.strerror or short_error(e)}); "
+                        f"give a folder you can write to") from e
+
+
+def check_learning_rate(value, flag):
+    """A learning rate must be a finite positive number: nan, inf, 0 or a negative one would only show as a NaN loss
+    or a set that never moves."""
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f'{flag} must be a finite positive number, got {value}')
 
 
 def save_torch_file_atomic(obj, path):

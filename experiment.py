@@ -13,7 +13,8 @@ from tqdm import tqdm
 import export
 import parallel
 from augment import ParamDiffAug, parse_strategy
-from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed
+from base import (UserError, check_choice, check_learning_rate, check_writable_folder, load_torch_file, log,
+                  save_torch_file_atomic, set_seed)
 from data import DATASETS, check_ipc_fits
 from networks import check_model_name, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
@@ -350,11 +351,11 @@ def check_common_args(args):
         raise UserError(f'--epoch_eval_train must be >= 0, got {args.epoch_eval_train}')
     if args.load_syn is not None and not os.path.isfile(args.load_syn):
         raise UserError(f"--load_syn file '{args.load_syn}' does not exist")
+    check_learning_rate(args.lr_img, '--lr_img')
+    check_learning_rate(args.lr_net, '--lr_net')
+    check_writable_folder(args.save_path, '--save_path')  # fail now, not after hours of learning
     if getattr(args, 'export_png', None):
-        try:  # fail now, not after hours of learning
-            os.makedirs(args.export_png, exist_ok=True)
-        except OSError as e:
-            raise UserError(f'--export_png folder {args.export_png} cannot be created ({e.strerror})') from e
+        check_writable_folder(args.export_png, '--export_png')
     if args.dist_timeout < 1:
         raise UserError(f'--dist_timeout must be at least 1 second, got {args.dist_timeout}')
     args.dsa_param = ParamDiffAug()

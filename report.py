@@ -13,6 +13,7 @@ Only the standard library is needed for tables; matplotlib only for --plots.
 import argparse
 import sys
 
+from base import UserError, check_writable_folder
 from plots import write_plots
 from tables import (DATASETS, TABLE_NAMES, ReportError, build_tables, load_records, missing_commands, render_latex,
                     render_markdown, with_save_path)
@@ -76,6 +77,11 @@ def main(argv=None):
         return print_commands(args)
     if args.table:
         check_table_name(args.table)
+    if args.plots:
+        try:  # before the folders are read: a typo in DIR fails first, in one line
+            check_writable_folder(args.plots, '--plots')
+        except UserError as e:
+            raise ReportError(str(e)) from e
     records = load_records(args.folders)
     if not records:
         raise ReportError(f'no result files (res_*.json, eval_*.json, cl_*.json) in {", ".join(args.folders)}')
