@@ -149,6 +149,33 @@ def feature_net(data, args, seed):
     return net.eval()
 
 
+def forgetting_path(args, dataset, seed):
+    return os.path.join(args.save_path, f'forgetting_{dataset}_{args.model}_{args.forget_epochs}ep_seed{seed}.pt')
+
+
+def forgetting_statistics(data, args, seed):
+    """Forgetting events of every training image over --forget_epochs epochs of a --model network trained on the
+    full set from stream (seed, 'forgetting'). Cached in save_path (forgetting_{dataset}_{model}_{epochs}ep_seed
+    {seed}.pt, a (N,) int64 tensor) and shared by the experiments and ipcs of a run, like the feature network:
+    full-set training is most of a forgetting run's cost on a CPU."""
+    path = forgetting_path(args, data.name, seed)
+    n = data.labels_train.shape[0]
+    if os.path.isfile(path):
+        counts = load_torch_file(path, 'cached forgetting statistics')
+        if not (isinstance(counts, torch.Tensor) and counts.shape == (n,)):
+            raise UserError(f'cached forgetting statistics {path} do not fit the {n} training images of {data.name}; '
+                            f'delete the file so they are recomputed')
+        log(args, f'forgetting statistics loaded from {path}')
+        return counts.to(data.labels_train.device)
+    log(args, f'counting forgetting events ({args.model}, {args.forget_epochs} epochs, seed {seed})')
+    with rng.seeded(args.device, seed, 'forgetting'):  # its initialisation and batch orders
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+        history = train_full_set(net, data, args.forget_epochs, args.lr_net, desc='forgetting', quiet=args.quiet)
+    counts = forgetting_counts(history)
+    save_torch_file_atomic(counts.cpu(), path)
+    return counts
+
+
 @torch.inference_mode()
 def embed_images(net, images, indices, batch_size=1024):
     """net.embed of images[indices], in batches, on the images' device."""
@@ -157,19 +184,17 @@ def embed_images(net, images, indices, batch_size=1024):
 
 
 def select_coreset(method, data, args, seed):
-    """Training-set indices of a coreset: args.ipc per class, classes in order. `seed` names the cached feature
-    network of herding/k-center and addresses every random choice (the forgetting network's training, the random
-    picks and tie-breaks of each class)."""
+    """Training-set indices of a coreset: args.ipc per class, classes in order. The feature network of
+    herding/k-center and the forgetting statistics are trained once per run, from --seed (args.seed), and cached, as
+    the DC paper extracts features from one network trained on the whole set; `seed` (the experiment's) addresses
+    the random picks and the tie-breaks of each class."""
     check_choice(method, SELECTION_METHODS, 'coreset method')
     check_ipc_fits(data, args.ipc)
     net, counts = None, None
     if method in ('herding', 'kcenter'):
-        net = feature_net(data, args, seed)
+        net = feature_net(data, args, args.seed)
     if method == 'forgetting':
-        with rng.seeded(args.device, seed, 'forgetting'):  # its initialisation and batch orders
-            net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-            history = train_full_set(net, data, args.forget_epochs, args.lr_net, desc='forgetting', quiet=args.quiet)
-        counts = forgetting_counts(history)
+        counts = forgetting_statistics(data, args, args.seed)
     picks = []
     for c, idx in enumerate(data.indices_class):
         if method == 'random':

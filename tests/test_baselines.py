@@ -133,7 +133,7 @@ def test_each_selection_returns_ipc_distinct_indices_per_class(method, small_dat
 def test_feature_network_is_cached_and_does_not_disturb_the_random_stream(small_data, tmp_path):
     data, _ = small_data
     args = selection_args(tmp_path)
-    path = coreset.featnet_path(args, data.name, 7)
+    path = coreset.featnet_path(args, data.name, args.seed)  # one network per run, from --seed
     base.set_seed(7)
     trained = coreset.select_coreset('herding', data, args, seed=7)
     after_training = torch.rand(3)
