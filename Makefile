@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench
+.PHONY: demo test bench gpu_check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/speed.py
+
+# issue 23: every GPU path in one call of at most 8 minutes (CPU-only parts on a machine without CUDA)
+gpu_check:
+	sh benchmarks/gpu_check.sh

@@ -55,6 +55,13 @@ def herding_selection(features, ipc):
     return torch.stack(picks)
 
 
+def herding_features(embeddings):
+    """What herding matches means of: each image's embedding scaled to unit length, as in iCaRL (Rebuffi et al.
+    2017), whose herding the DC paper uses. Unscaled, the running mean is pulled by the images with the largest
+    embeddings and the greedy picks depend on their norms rather than on their directions."""
+    return torch.nn.functional.normalize(embeddings.float(), dim=1)
+
+
 def _distances_to(features, point):
     # the direct formula, not the matmul expansion: exact, so hand-made ties and zeros stay exact
     return torch.cdist(features, point.unsqueeze(0), compute_mode='donot_use_mm_for_euclid_dist').squeeze(1)
@@ -201,9 +208,10 @@ def select_coreset(method, data, args, seed):
             pos = random_selection(idx.numel(), args.ipc, rng.generator(idx.device, seed, 'random', c))
         elif method == 'forgetting':
             pos = forgetting_selection(counts[idx], args.ipc, rng.generator(idx.device, seed, 'forgetting', c))
+        elif method == 'herding':
+            pos = herding_selection(herding_features(embed_images(net, data.images_train, idx)), args.ipc)
         else:
-            features = embed_images(net, data.images_train, idx).float()
-            pos = (herding_selection if method == 'herding' else kcenter_selection)(features, args.ipc)
+            pos = kcenter_selection(embed_images(net, data.images_train, idx).float(), args.ipc)
         picks.append(idx[pos])
     return torch.cat(picks)
 

@@ -58,3 +58,25 @@ def test_wrong_cached_forgetting_statistics_are_one_line(small_data, tmp_path):
     base.save_torch_file_atomic(torch.zeros(3, dtype=torch.long), coreset.forgetting_path(args, small_data.name, 0))
     with pytest.raises(base.UserError, match='do not fit'):
         coreset.select_coreset('forgetting', small_data, args, seed=0)
+
+
+# ----------------------------------------------------------------------------- herding as iCaRL's
+
+def test_herding_matches_means_of_unit_length_embeddings():
+    # embeddings of one class; unit length: a (1,0), b (0,1), c (0,-1), d (-1,0), e (0.6,0.8), mean (0.12, 0.16)
+    features = torch.tensor([[10., 0.], [0., 1.], [0., -2.], [-1., 0.], [6., 8.]])
+    # pick 1, squared distance to the mean: a 0.80, b 0.72, c 1.36, d 1.28, e 0.64 -> e
+    # pick 2, mean of {e, x}: a 0.52, b 0.58, c (0.3,-0.1) 0.10, d 0.16 -> c
+    # pick 3, mean of {e, c, x}: a 0.222, b (0.2,0.267) 0.018, d 0.115 -> b
+    assert coreset.herding_selection(coreset.herding_features(features), 3).tolist() == [4, 2, 1]
+    # on the raw embeddings the mean is (3, 1.4) and the small b (distance 9.16) would come first
+    assert coreset.herding_selection(features, 1).tolist() == [1]
+
+
+def test_herding_picks_do_not_depend_on_embedding_norms():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 16, generator=g).relu() + 0.01  # ReLU embeddings, like ConvNet.embed
+    scales = torch.rand(40, 1, generator=g) * 10 + 0.1
+    picks = coreset.herding_selection(coreset.herding_features(features), 8)
+    assert torch.equal(coreset.herding_selection(coreset.herding_features(features * scales), 8), picks)
+    assert picks.unique().numel() == 8  # without replacement
