@@ -16,6 +16,7 @@ Needs only torch and the repository: FashionMNIST is taken from .carry/fashion-m
 carried in an ignored folder) or /usr/share/datasets/fashion-mnist; nothing is downloaded.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,9 +25,16 @@ import tempfile
 import time
 import types
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the project's requirements a check needs; on a machine that lacks one nothing below can run, so say which at once
+NEEDED = ('torch', 'numpy', 'tqdm')
+MISSING = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+if MISSING:
+    sys.exit(f"error: gpu_check needs {', '.join(MISSING)} (requirements.txt), not installed for {sys.executable}; "
+             f"install them or run with PYTHON=<a python that has them>")
+
+import torch  # noqa: E402
+
 sys.path.insert(0, ROOT)
 import base  # noqa: E402
 import training  # noqa: E402
@@ -171,7 +179,9 @@ def main():
     no_cuda = 'no CUDA device on this machine'
     with tempfile.TemporaryDirectory() as scratch:
         data, source = data_path(scratch)
-        parts = {'cuda_tests': cuda_tests() if cuda else {'skipped': no_cuda},
+        no_pytest = importlib.util.find_spec('pytest') is None
+        parts = {'cuda_tests': {'skipped': no_cuda} if not cuda else
+                 {'skipped': 'pytest is not installed'} if no_pytest else cuda_tests(),
                  'speed': speed(out, data) if cuda else {'skipped': no_cuda + ' (CPU numbers: docs/PERFORMANCE.md)'},
                  'batched_vs_loop': batched_vs_loop(data, device),
                  'torchrun': torchrun(out, data, device)}
