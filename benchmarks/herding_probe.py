@@ -7,9 +7,9 @@ test set) on a few networks.
 Variants per feature network of E epochs (trained once and cached in save_path like main.py's, so a later
 `main.py --method herding --feat_epochs E` reuses it): greedy herding on the raw embedding, greedy herding on the
 L2-normalised embedding (iCaRL's), the ipc images nearest the class mean (no greedy correction); --variants N
-keeps the first N. Prints each feature network's test accuracy and one line per variant: accuracies, and how far
-the picks lie from their class mean in the embedding (mean distance / mean distance of all images): how typical
-they are.
+keeps the first N. Prints each feature network's test accuracy, then per variant how far the picks lie from their class
+mean (mean distance / mean distance of all the class's images: how typical they are, in the variant's embedding and
+in the raw one) and how many picks it shares with the first variant, then the accuracies.
 """
 import argparse
 import os
@@ -56,6 +56,7 @@ def main_probe():
     p.add_argument('--epochs', type=int, nargs='+', default=[2, 5])
     p.add_argument('--num_eval', type=int, default=2)
     p.add_argument('--ipc', type=int, default=10)
+    p.add_argument('--no_accuracy', action='store_true', help="skip the feature network's test pass")
     p.add_argument('--variants', type=int, default=3, help='the first N of: raw, L2-normalised, nearest to mean')
     a = p.parse_args()
     args = main.parse_args(['--dataset', 'FashionMNIST', '--model', 'ConvNet', '--method', 'herding', '--ipc',
@@ -66,18 +67,31 @@ def main_probe():
     for epochs in a.epochs:
         args.feat_epochs = epochs
         net = coreset.feature_net(data, args, args.seed)
-        accuracy = training.test_accuracy(net, data.images_test, data.labels_test)
-        print(f'featnet {epochs} ep: test accuracy {100 * accuracy:.2f}', flush=True)
-        raw = lambda idx, net=net: coreset.embed_images(net, data.images_train, idx).float()  # noqa: E731
-        l2 = lambda idx, raw=raw: torch.nn.functional.normalize(raw(idx), dim=1)  # noqa: E731
+        if not a.no_accuracy:
+            accuracy = training.test_accuracy(net, data.images_test, data.labels_test)
+            print(f'featnet {epochs} ep: test accuracy {100 * accuracy:.2f}', flush=True)
+        cache = {}
+
+        def raw(idx, net=net, cache=cache):  # one embedding pass per class, shared by every variant
+            key = int(idx[0])
+            if key not in cache:
+                cache[key] = coreset.embed_images(net, data.images_train, idx).float()
+            return cache[key]
+
+        l2 = lambda idx, raw=raw: coreset.herding_features(raw(idx))  # noqa: E731
         variants = ((f'featnet {epochs} ep, raw embedding, greedy herding', raw, coreset.herding_selection),
                     (f'featnet {epochs} ep, L2-normalised, greedy herding', l2, coreset.herding_selection),
                     (f'featnet {epochs} ep, raw embedding, nearest to mean', raw, nearest_to_mean))
-        for name, embed, rule in variants[:a.variants]:
-            indices = picks_per_class(data, embed, rule, a.ipc)
+        chosen = [(name, embed, picks_per_class(data, embed, rule, a.ipc))
+                  for name, embed, rule in variants[:a.variants]]
+        for name, embed, indices in chosen:  # the cheap part first: how typical the picks are, how much they overlap
+            print(f'{name}: typicality {typicality(data, embed, indices):.3f} (raw embedding '
+                  f'{typicality(data, raw, indices):.3f}), shared with the first variant '
+                  f'{int(torch.isin(indices, chosen[0][2]).sum())} of {indices.numel()}', flush=True)
+        for name, _, indices in chosen:
             accs = evaluate(data, args, indices, a.num_eval)
-            print(f'{name}: accs {[round(100 * x, 2) for x in accs]} mean {100 * np.mean(accs):.2f} '
-                  f'typicality {typicality(data, embed, indices):.3f}', flush=True)
+            print(f'{name}: accs {[round(100 * x, 2) for x in accs]} mean {100 * np.mean(accs):.2f}', flush=True)
+
 
 if __name__ == '__main__':
     main_probe()
