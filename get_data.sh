@@ -6,7 +6,8 @@
 #   3. torchvision's download into DATA_PATH, where the network allows
 #   4. otherwise one line saying which files to put where, and exit status 1
 # The environment can point the steps elsewhere (the tests do, to run every branch without root or network):
-#   DC_SYSTEM_DIR (the package's folder), DC_APT_GET, DC_SUDO (commands), DC_PYTHON (python with torchvision).
+#   DC_SYSTEM_DIR (the package's folder), DC_APT_GET, DC_SUDO (commands), DC_PYTHON (python with torchvision),
+#   DC_UID (the user id that decides whether sudo is needed).
 set -u
 cd "$(dirname "$0")"
 
@@ -33,7 +34,7 @@ have_files "$LOCAL_DIR" && found "found in $LOCAL_DIR"
 notes=""
 if command -v "$APT_GET" >/dev/null 2>&1; then
   run_root=""
-  if [ "$(id -u)" -eq 0 ]; then
+  if [ "${DC_UID:-$(id -u)}" -eq 0 ]; then
     run_root=" "
   elif command -v "$SUDO_CMD" >/dev/null 2>&1 && "$SUDO_CMD" -n true >/dev/null 2>&1; then
     run_root="$SUDO_CMD -n"
