@@ -94,7 +94,7 @@ def check_folder_args(args):
     args.dataset = name
     if im_size is not None and min(im_size) < 1:
         raise UserError(f'--im_size must be two positive integers H W, got {im_size[0]} {im_size[1]}')
-    split_dirs(name, args.data_path)
+    folder_classes(name, args.data_path)  # the layout and the class folders; the images are checked when read
     return args
 
 
