@@ -59,9 +59,9 @@ if "$PYTHON" -c "import sys, data; data._download_with_torchvision('FashionMNIST
     >/dev/null 2>&1 && have_files "$LOCAL_DIR"; then
   found "downloaded to $LOCAL_DIR"
 fi
-notes="$notes; the download failed (no network?)"
+notes="$notes; torchvision's download failed, no network?"
 
-echo "error: FashionMNIST data not found ($notes). To fix: place train-images-idx3-ubyte, train-labels-idx1-ubyte," \
+echo "error: FashionMNIST data not found: $notes. To fix: place train-images-idx3-ubyte, train-labels-idx1-ubyte," \
      "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (plain or .gz) in $LOCAL_DIR," \
      "or install the Debian package dataset-fashion-mnist, or rerun with network access." >&2
 exit 1

@@ -87,7 +87,7 @@ def test_no_apt_and_no_network_ends_in_the_one_line_error(setup):
     proc, _ = get_data(setup, DC_APT_GET=str(setup['tmp'] / 'no-apt'), DC_PYTHON=offline)
     assert proc.returncode == 1 and proc.stderr.count('\n') == 1
     raw = os.path.join(setup['data'], 'FashionMNIST', 'raw')
-    assert proc.stderr.startswith('error: FashionMNIST data not found (no apt-get;')
+    assert proc.stderr.startswith('error: FashionMNIST data not found: no apt-get;')
     assert all(name in proc.stderr for name in IDX) and raw in proc.stderr and 'dataset-fashion-mnist' in proc.stderr
 
 
