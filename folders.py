@@ -78,7 +78,7 @@ def add_folder_args(parser):
            f'default: the images\' size when they all agree (ImageFolder), {SUBSET_IM_SIZE[0]}x{SUBSET_IM_SIZE[1]} '
            '(ImageNet subsets)')
     a('--channels', type=int, default=None, choices=(1, 3),
-      help=f'ImageFolder / ImageNet subsets: 1 (grayscale) or 3 (RGB, the default)')
+      help='ImageFolder / ImageNet subsets: 1 (grayscale) or 3 (RGB, the default)')
     return parser
 
 
