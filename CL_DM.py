@@ -30,7 +30,9 @@ import training
 import utils
 from augment import parse_strategy
 from base import UserError
-from data import DATASETS, check_ipc_fits, class_indices, load_dataset
+import folders
+from data import (DATASET_NAMES, check_dataset_args, check_ipc_fits, class_indices, dataset_info_for,
+                  load_dataset_for)
 from experiment import cli
 from networks import check_model_name, get_network
 
@@ -44,7 +46,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a('--method', type=str, default='random', help=f"memory: {', '.join(METHODS)}")
-    a('--dataset', type=str, default='CIFAR100', help=', '.join(DATASETS))
+    a('--dataset', type=str, default='CIFAR100', help=', '.join(DATASET_NAMES))
     a('--model', type=str, default='ConvNet', help='network that builds the memories and is evaluated')
     a('--ipc', type=int, default=20, help='memory images per class')
     a('--steps', type=int, default=5, help='number of class-incremental steps (a divisor of the number of classes)')
@@ -57,6 +59,7 @@ def parse_args(argv=None):
       help='DSA augmentation of evaluation and condensation (default: color_crop_cutout_flip_scale_rotate, '
            'no flip on MNIST/SVHN)')
     a('--data_path', type=str, default='./../data', help='dataset folder; memories live in data_path/metasets/cl_data')
+    folders.add_folder_args(parser)
     a('--save_path', type=str, default='result', help='folder of the JSON summary')
     a('--seed', type=int, default=0, help='class order K draws its random choices from seed + K')
     a('--device', type=str, default=None, help='cpu, cuda, cuda:N (default: cuda when available)')
@@ -83,7 +86,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Validate every flag before any data is loaded, so a bad value fails in one line."""
     base.check_choice(args.method, METHODS, 'method')
-    base.check_choice(args.dataset, list(DATASETS), 'dataset')
+    check_dataset_args(args)
     check_model_name(args.model)
     base.check_choice(args.dis_metric, utils.METRICS, 'dis_metric')
     for flag in ('ipc', 'steps', 'num_eval', 'num_orders', 'batch_train', 'batch_real'):
@@ -92,7 +95,7 @@ def check_args(args):
     for flag in ('epoch_eval_train', 'feat_epochs', 'Iteration_dsa', 'Iteration_dm', 'class_chunk'):
         if getattr(args, flag) < 0:
             raise UserError(f'--{flag} must be >= 0, got {getattr(args, flag)}')
-    num_classes = DATASETS[args.dataset]['num_classes']
+    num_classes = dataset_info_for(args)['num_classes']
     if num_classes % args.steps:
         raise UserError(f'--steps {args.steps} does not divide the {num_classes} classes of {args.dataset}')
     if args.dsa_strategy in (None, ''):
@@ -362,7 +365,7 @@ def main(argv=None):
             if path is not None and not os.path.isfile(path):
                 raise missing_file_error(path, args)
 
-    data = load_dataset(args.dataset, args.data_path, unsafe_load=args.unsafe_load).to(args.device)
+    data = load_dataset_for(args).to(args.device)
     if data.num_classes % args.steps:  # a TinyImageNet file may hold fewer than 200 classes
         raise UserError(f'--steps {args.steps} does not divide the {data.num_classes} classes of {data.name}')
     if args.method == 'random' or args.build:

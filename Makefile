@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install, then condense real FashionMNIST with DC (ipc 1) at a CPU-sized budget
+#   make demo   install, get FashionMNIST (get_data.sh), then condense it with DC (ipc 1) at a CPU-sized budget
 #   make test   install, then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,6 +14,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed
+	DC_PYTHON=$(PY) ./get_data.sh data
 	$(PY) main.py --dataset FashionMNIST --model ConvNet --method DC --ipc 1 --Iteration 50 --eval_every 50 \
 		--batch_real 64 --num_exp 1 --num_eval 3 --epoch_eval_train 300 --save_path result/demo
 

@@ -51,7 +51,8 @@ import experiment
 import results
 import training
 import utils
-from data import DATASETS, load_dataset
+import folders
+from data import DATASET_NAMES, DATASETS, check_dataset_args, dataset_info_for, load_dataset_for
 from augment import parse_strategy
 from networks import CONVNET_ACTS, CONVNET_NORMS, CONVNET_POOLS, convnet_name, get_network
 
@@ -106,10 +107,10 @@ def search_space(space):
             for n in space['norm'] for p in space['pool']]
 
 
-def check_buildable(candidates, dataset):
+def check_buildable(candidates, dataset, info=None):
     """Build every candidate on the meta device (no memory, no RNG): one that cannot exist for the dataset's image
     size fails here, named, before any data is loaded or any training starts."""
-    info = DATASETS[dataset]
+    info = DATASETS[dataset] if info is None else info
     with torch.device('meta'):
         for name in candidates:
             get_network(name, info['channel'], info['num_classes'], info['im_size'], device='meta')
@@ -266,7 +267,7 @@ def learned_set_method(path, obj):
 
 def load_file_proxy(args):
     """The set --proxy FILE names (images, labels, method), checked against --dataset before any data is loaded."""
-    info = DATASETS[args.dataset]
+    info = dataset_info_for(args)
     sets = results.load_synthetic_sets(args.proxy, info['channel'], info['im_size'], info['num_classes'])
     obj = base.load_torch_file(args.proxy, 'synthetic set')
     config = obj.get('config') if isinstance(obj.get('config'), dict) else {}
@@ -561,7 +562,7 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
-    a('--dataset', type=str, default='CIFAR10', help='MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, TinyImageNet')
+    a('--dataset', type=str, default='CIFAR10', help=', '.join(DATASET_NAMES))
     a('--proxy', type=str, default=None, help='random, early_stop or a res_*.pt file of learned sets')
     a('--ipc', type=int, default=10, help='random: images per class; early_stop: images per epoch per class')
     a('--set_index', type=int, default=0, help='which set of the --proxy file (default: the first)')
@@ -580,6 +581,7 @@ def parse_args(argv=None):
     a('--batch_train', type=int, default=DEFAULT_BATCH, help='batch size of candidate training')
     a('--seed', type=int, default=0, help='seeds the proxy set, the training subset and every candidate')
     a('--data_path', type=str, default='data', help='dataset folder')
+    folders.add_folder_args(parser)
     a('--save_path', type=str, default='result', help='results folder (reports and the ground-truth cache)')
     a('--device', type=str, default=None, help='cpu, cuda, cuda:N (default: cuda when available)')
     a('--quiet', action='store_true', help='no progress lines (the report is still printed)')
@@ -588,7 +590,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Validate every flag before any data is loaded; returns the candidates. Bad input fails in one line."""
-    base.check_choice(args.dataset, list(DATASETS), 'dataset')
+    check_dataset_args(args)
     if args.proxy is None and not args.ground_truth:
         raise base.UserError('nothing to do: give --proxy random|early_stop|FILE.pt and/or --ground_truth')
     if args.proxy is not None and args.proxy not in BUILTIN_PROXIES and not os.path.isfile(args.proxy):
@@ -605,7 +607,7 @@ def check_args(args):
         parse_strategy(args.dsa_strategy)
     args.space = parse_space(args)
     candidates = search_space(args.space)
-    check_buildable(candidates, args.dataset)
+    check_buildable(candidates, args.dataset, dataset_info_for(args))
     args.device = parallel.setup(args.device)  # last: under torchrun only valid flags reach the other processes
     if parallel.rank() != 0:
         args.quiet = True
@@ -618,7 +620,7 @@ def main(argv=None):
     file_proxy = None
     if args.proxy is not None and args.proxy not in BUILTIN_PROXIES:
         file_proxy = load_file_proxy(args)
-    data = load_dataset(args.dataset, args.data_path).to(args.device)
+    data = load_dataset_for(args).to(args.device)
     gt_set = ground_truth_set(args, data)
     if args.ground_truth:
         run_ground_truth(args, data, candidates, gt_set)

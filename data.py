@@ -10,7 +10,8 @@ import tarfile
 import numpy as np
 import torch
 
-from base import UserError, load_torch_file, save_torch_file_atomic, short_error
+import folders
+from base import UserError, check_choice, load_torch_file, save_torch_file_atomic, short_error
 
 DATASETS = {
     "MNIST": dict(channel=1, im_size=(28, 28), num_classes=10, mean=[0.1307], std=[0.3081]),
@@ -400,16 +401,49 @@ def _load_tiny_imagenet(data_path, unsafe_load=False):
     return splits, [str(c) for c in data["classes"]]
 
 
-def load_dataset(name, data_path, download=True, unsafe_load=False):
+DATASET_NAMES = list(DATASETS) + list(folders.FOLDER_DATASETS)  # every --dataset value
+
+
+def check_dataset_args(args):
+    """--dataset (and, for a folder dataset, --data_path, --im_size, --channels) before any data is loaded."""
+    if folders.canonical_name(args.dataset) is None:
+        check_choice(args.dataset, DATASET_NAMES, 'dataset')
+    return folders.check_folder_args(args)
+
+
+def dataset_info_for(args):
+    """channel, im_size, num_classes of --dataset without loading it (a folder dataset's from its folders)."""
+    if folders.canonical_name(args.dataset) is None:
+        return DATASETS[args.dataset]
+    options = folders.loader_options(args)
+    return folders.folder_info(args.dataset, args.data_path, options['im_size'], options['channels'])
+
+
+def load_dataset_for(args):
+    """load_dataset with the script's flags; a folder dataset's normalisation and size go into args, so that the
+    run's config states them."""
+    data = load_dataset(args.dataset, args.data_path, unsafe_load=getattr(args, 'unsafe_load', False),
+                        **folders.loader_options(args))
+    if folders.canonical_name(args.dataset) is not None:
+        args.data_mean, args.data_std, args.data_im_size = list(data.mean), list(data.std), list(data.im_size)
+    return data
+
+
+def load_dataset(name, data_path, download=True, unsafe_load=False, im_size=None, channels=None, quiet=False):
     """Load a whole dataset into a DatasetTensors (CPU), normalised like ToTensor() + Normalize().
 
     Files already under data_path are always used first (and, for FashionMNIST, the Debian package's
     files); otherwise torchvision downloads them when download=True. Missing data raises UserError. unsafe_load: see
-    base.load_torch_file (tinyimagenet.pt is a user-supplied torch file).
+    base.load_torch_file (tinyimagenet.pt is a user-supplied torch file). im_size, channels, quiet: for the folder
+    datasets (folders.py), whose mean and std are those of their training images.
     """
+    if folders.canonical_name(name) is not None:
+        return _load_folder_dataset(folders.canonical_name(name), data_path, im_size, channels, quiet)
+    if im_size is not None or channels is not None:
+        raise ValueError(f"im_size and channels apply to {', '.join(folders.FOLDER_DATASETS)} only, not {name}")
     canonical = {n.lower(): n for n in DATASETS}
     if not isinstance(name, str) or name.lower() not in canonical:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     name = canonical[name.lower()]
     data_path = os.fspath(data_path)
     info = DATASETS[name]
@@ -436,7 +470,11 @@ def load_dataset(name, data_path, download=True, unsafe_load=False):
             raise UserError(f"{name} {split} labels must lie in 0..{num_classes - 1} but range over "
                             f"{int(labels.min())}..{int(labels.max())}; the files under {data_path} are corrupt, replace them.")
         tensors[split] = (normalize_uint8(torch.as_tensor(images), info["mean"], info["std"]), labels)
+    return _dataset_tensors(name, info, class_names, tensors)
 
+
+def _dataset_tensors(name, info, class_names, tensors):
+    num_classes = len(class_names)
     return DatasetTensors(
         name=name, channel=info["channel"], im_size=tuple(info["im_size"]), num_classes=num_classes,
         class_names=class_names, mean=list(info["mean"]), std=list(info["std"]),
@@ -444,6 +482,15 @@ def load_dataset(name, data_path, download=True, unsafe_load=False):
         images_test=tensors["test"][0], labels_test=tensors["test"][1],
         indices_class=class_indices(tensors["train"][1], num_classes),
     )
+
+
+def _load_folder_dataset(name, data_path, im_size, channels, quiet):
+    splits, class_names = folders.load_folder_splits(name, data_path, im_size, channels, quiet)
+    images_train = splits["train"][0]
+    mean, std = folders.channel_stats(images_train)
+    info = dict(channel=images_train.shape[1], im_size=tuple(images_train.shape[-2:]), mean=mean, std=std)
+    tensors = {split: (normalize_uint8(images, mean, std), labels) for split, (images, labels) in splits.items()}
+    return _dataset_tensors(name, info, class_names, tensors)
 
 
 def check_ipc_fits(data, ipc):

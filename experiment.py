@@ -11,11 +11,12 @@ import torch
 from tqdm import tqdm
 
 import export
+import folders
 import parallel
 from augment import ParamDiffAug, parse_strategy
 from base import (UserError, check_choice, check_learning_rate, check_writable_folder, load_torch_file, log,
                   save_torch_file_atomic, set_seed)
-from data import DATASETS, check_ipc_fits
+from data import DATASET_NAMES, check_dataset_args, check_ipc_fits
 from networks import check_model_name, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
                      synthetic_sets)
@@ -280,7 +281,7 @@ def add_common_args(parser, **defaults):
              data_path='data', save_path='result', eval_every=500)
     d.update(defaults)
     a = parser.add_argument
-    a('--dataset', type=str, default=d['dataset'], help='MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, TinyImageNet')
+    a('--dataset', type=str, default=d['dataset'], help=', '.join(DATASET_NAMES))
     a('--model', type=str, default=d['model'],
       help='network to condense with: a name of networks.MODEL_NAMES or ConvNet_D{depth}_W{width}_{act}_{norm}_{pool}')
     a('--ipc', type=int, default=d['ipc'], help='images per class')
@@ -297,6 +298,7 @@ def add_common_args(parser, **defaults):
     a('--init', type=str, default=d['init'], help='noise or real: initialisation of the synthetic set')
     a('--dsa_strategy', type=str, default=d['dsa_strategy'], help="DSA ops joined by '_', or None")
     a('--data_path', type=str, default=d['data_path'], help='dataset folder')
+    folders.add_folder_args(parser)
     a('--save_path', type=str, default=d['save_path'], help='results folder')
     a('--eval_every', type=int, default=d['eval_every'], help='evaluation interval for eval_mode S/SS')
     a('--seed', type=int, default=0, help='experiment k uses seed + k; drives every random choice')
@@ -335,7 +337,7 @@ SPEED_FLAG_CHOICES = ('auto', '1', '0')
 
 def check_common_args(args):
     """Validate flags before any data is loaded: every bad value fails in one line."""
-    check_choice(args.dataset, list(DATASETS), 'dataset')
+    check_dataset_args(args)
     check_model_name(args.model)
     check_choice(args.eval_mode, EVAL_MODES, 'eval_mode')
     for name in get_eval_pool(args.eval_mode, args.model):

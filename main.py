@@ -14,7 +14,7 @@ import coreset
 import experiment
 import training
 import utils
-from data import check_ipc_fits, load_dataset
+from data import check_ipc_fits, load_dataset_for
 from experiment import cli
 
 METHODS = ('DC', 'DSA') + training.BASELINE_METHODS
@@ -65,7 +65,7 @@ def main(argv=None):
     learns = args.method in ('DC', 'DSA') and not args.load_syn
     outer_loop, inner_loop = utils.get_loops(args.ipc, args.outer_loop, args.inner_loop) if learns else (None, None)
 
-    data = load_dataset(args.dataset, args.data_path, unsafe_load=args.unsafe_load).to(args.device)
+    data = load_dataset_for(args).to(args.device)
     if args.load_syn:
         return experiment.evaluate_saved(args, data)
     if args.method in training.BASELINE_METHODS:

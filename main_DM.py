@@ -10,7 +10,7 @@ import argparse
 import base
 import experiment
 import utils
-from data import load_dataset
+from data import load_dataset_for
 from experiment import cli
 from networks import get_network, has_batchnorm
 
@@ -36,7 +36,7 @@ def main(argv=None):
         base.log(args, f'--dis_metric {args.dis_metric} is ignored: distribution matching has no gradient distance')
     args.default_epoch_eval = 1000
 
-    data = load_dataset(args.dataset, args.data_path, unsafe_load=args.unsafe_load).to(args.device)
+    data = load_dataset_for(args).to(args.device)
     if args.load_syn:
         return experiment.evaluate_saved(args, data)
     if 0 < args.class_chunk < data.num_classes and has_batchnorm(

@@ -433,31 +433,40 @@ def parametrised_convnet(name, channel, num_classes, im_size):
 # public helpers
 
 
+# Deeper ConvNets for the larger images of the ImageNet subsets (128x128: depth 5, 256x256: depth 6, as the
+# trajectory-matching work uses them): names that stand for parametrised ConvNets, so MODEL_NAMES stays the
+# reference's list.
+LARGE_IMAGE_CONVNETS = {'ConvNetD5': convnet_name(5, 128, 'relu', 'instancenorm', 'avgpooling'),
+                        'ConvNetD6': convnet_name(6, 128, 'relu', 'instancenorm', 'avgpooling')}
+
+
 def is_parametrised_name(name):
-    return isinstance(name, str) and name.startswith('ConvNet_')
+    return isinstance(name, str) and (name.startswith('ConvNet_') or name in LARGE_IMAGE_CONVNETS)
 
 
 def check_model_name(name):
     """name itself when get_network can build it (a MODEL_NAMES entry or a well-formed parametrised ConvNet name);
     otherwise ValueError listing the valid names."""
     if is_parametrised_name(name):
-        parse_convnet_name(name)
+        parse_convnet_name(LARGE_IMAGE_CONVNETS.get(name, name))
     elif name not in MODEL_FACTORIES:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES + list(LARGE_IMAGE_CONVNETS))}, "
                          f"or {CONVNET_NAME_FORMAT}")
     return name
 
 
-def get_network(name, channel, num_classes, im_size=(32, 32), device=None):
+def get_network(model, channel, num_classes, im_size=(32, 32), device=None):
     """Build a freshly (PyTorch-default) initialised network by name and move it to device.
 
-    name: one of MODEL_NAMES, or a parametrised ConvNet name (CONVNET_NAME_FORMAT)."""
+    model: the name, one of MODEL_NAMES, LARGE_IMAGE_CONVNETS or a parametrised ConvNet name (CONVNET_NAME_FORMAT)
+    (the original's parameter names, so keyword callers work)."""
+    name = model
     is_parametrised = is_parametrised_name(check_model_name(name))
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     im_size = (int(im_size[0]), int(im_size[1]))
     if is_parametrised:
-        net = parametrised_convnet(name, channel, num_classes, im_size)
+        net = parametrised_convnet(LARGE_IMAGE_CONVNETS.get(name, name), channel, num_classes, im_size)
     else:
         net = MODEL_FACTORIES[name](channel, num_classes, im_size)
     return net.to(device)

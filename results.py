@@ -50,7 +50,8 @@ def summary_lines(num_exp, model, summary):
 def config_dict(args):
     """The run's flags as plain JSON-able values (stored in res_*.pt under 'config' and in the JSON summary)."""
     keep = (str, int, float, bool, type(None))
-    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, keep)}
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(vars(args).items())
+            if isinstance(v, keep) or (isinstance(v, (list, tuple)) and all(isinstance(x, keep) for x in v))}
 
 
 def save_results(path, data_save, accs_all_exps, args, timings):

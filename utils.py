@@ -36,10 +36,11 @@ __all__ = ['get_dataset', 'get_network', 'get_eval_pool', 'evaluate_synset', 'ep
 METRICS = ('ours', 'mse', 'cos')
 
 
-def match_loss(gw_syn, gw_real, metric='ours'):
+def match_loss(gw_syn, gw_real, args='ours'):
     """Distance between two lists of per-parameter gradients (SPEC §4): match_loss_classes of a single class.
-    metric: 'ours', 'mse' or 'cos', or the original's args (its dis_metric is used)."""
-    metric = getattr(metric, 'dis_metric', metric)
+    args: the original's args (its dis_metric is used; the parameter keeps the original's name, so keyword callers
+    work), or the metric itself: 'ours', 'mse' or 'cos'."""
+    metric = getattr(args, 'dis_metric', args)
     return match_loss_classes([g.unsqueeze(0) for g in gw_syn], [g.unsqueeze(0) for g in gw_real], metric)[0]
 
 
