@@ -13,6 +13,7 @@ The buffer means are over one row of recent losses: the row of the sample's give
 proposal's label-loss and predicted-loss buffers) or of its predicted class (--buffer_rows pred, the proposal's last
 version). Note: with label rows, every candidate of a class shares its denominator, so within a class score ranks
 like loss and score3 like score2; the selections here are per class, so they coincide (pred rows differ)."""
+import fcntl
 import math
 import os
 
@@ -246,6 +247,13 @@ def scoring_run(data, args):
     """train_scoring_network's result, cached in score_cache (or save_path) under the dataset, noise settings, seed,
     scoring model, epochs and buffer size, so the cells of a grid on the same noisy data share one scoring run."""
     path = scoring_cache_path(args, data)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.lock', 'w') as lock:  # cells running side by side (noise.py, torchrun) train it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return cached_or_trained_scoring_run(path, data, args)
+
+
+def cached_or_trained_scoring_run(path, data, args):
     if os.path.isfile(path):
         try:
             run = load_torch_file(path, 'cached scoring run')

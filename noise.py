@@ -80,6 +80,8 @@ def parse_args(argv=None):
     a('--device', type=str, default=None)
     a('--runner_args', type=str, default='', help='more flags for every cell, as one quoted string')
     a('--quiet', action='store_true', help='cells without progress bars (the table is still printed)')
+    a('--report_only', action='store_true',
+      help='run nothing: the table and figures of every finished cell under save_path (e.g. of several grids)')
     return p.parse_args(argv)
 
 
@@ -215,9 +217,12 @@ def run_grid(args, cells):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    cells = grid(args)
-    base.log(args, f'{len(cells)} cells on {args.dataset}; results in {args.save_path}')
-    entries = run_grid(args, cells)
+    if args.report_only:
+        entries = [e for e in noisetables.load_entries([args.save_path]) if e['dataset'] == args.dataset]
+    else:
+        cells = grid(args)
+        base.log(args, f'{len(cells)} cells on {args.dataset}; results in {args.save_path}')
+        entries = run_grid(args, cells)
     if parallel.rank() != 0:
         return None
     tables = noisetables.build_noise_tables(entries)

@@ -300,3 +300,19 @@ def test_noise_grid_runs_resumes_and_reports(fm_path, tmp_path):
     assert table in report.stdout
     bad = subprocess.run(cmd[:2] + ['--score', 'best'], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and "unknown score 'best'" in bad.stderr
+
+
+def test_with_label_rows_score_ranks_like_loss_and_score3_like_score2_within_a_class():
+    """Why the predicted-class rows exist: a class's candidates share their label-row denominator."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 5, generator=gen) * 2
+    labels = torch.full((40,), 2, dtype=torch.long)
+    l_y, l_p, pred = cleanscore.sample_losses(logits, labels)
+    buffers = cleanscore.LossBuffers(5, 64, 'cpu')
+    buffers.push(labels, l_y, l_p)
+    rank = {k: cleanscore.lowest(cleanscore.scores(k, l_y, l_p, labels, buffers.means()), 20).tolist()
+            for k in ('loss', 'score', 'score2', 'score3')}
+    assert rank['score'] == rank['loss'] and rank['score3'] == rank['score2'] and rank['score2'] != rank['loss']
+    by_pred = cleanscore.LossBuffers(5, 64, 'cpu')
+    by_pred.push(pred, l_y, l_p)
+    assert cleanscore.lowest(cleanscore.scores('score', l_y, l_p, pred, by_pred.means()), 20).tolist() != rank['loss']
