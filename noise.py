@@ -79,7 +79,7 @@ def parse_args(argv=None):
     a('--save_path', type=str, default='result/noise')
     a('--device', type=str, default=None)
     a('--runner_args', type=str, default='', help='more flags for every cell, as one quoted string')
-    a('--quiet', action='store_true', help='cells without progress bars (the table is still printed)')
+    a('--quiet', action='store_true', help='no progress line per cell (the table is still printed)')
     a('--report_only', action='store_true',
       help='run nothing: the table and figures of every finished cell under save_path (e.g. of several grids)')
     return p.parse_args(argv)
@@ -159,9 +159,7 @@ def cell_command(args, cell):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f'--{flag}', str(value)]
-    if args.quiet:
-        cmd.append('--quiet')
-    return cmd + args.extra
+    return cmd + ['--quiet'] + args.extra  # the cell's output goes to its run.log: no progress bars there
 
 
 def child_env():
