@@ -6,6 +6,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import labelnoise
 import parallel
 import rng
 from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed, short_error
@@ -128,7 +129,8 @@ def _forked_rng(device):
 
 
 def featnet_path(args, dataset, seed):
-    return os.path.join(args.save_path, f'featnet_{dataset}_{args.model}_{args.feat_epochs}ep_seed{seed}.pt')
+    return os.path.join(args.save_path, f'featnet_{dataset}_{args.model}_{args.feat_epochs}ep_seed{seed}'
+                                        f'{labelnoise.file_tag(args)}.pt')
 
 
 def feature_net(data, args, seed):
@@ -244,4 +246,4 @@ def run_whole(args, data):
         if parallel.rank() == 0:
             save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
     return report_results(args, accs_all_exps, args.num_exp, os.path.join(args.save_path, f'res_{stem}.json'),
-                          t_start, history=history, res_file=res_path)
+                          t_start, history=history, res_file=res_path, **labelnoise.report_fields(args, []))

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 import export
 import folders
+import labelnoise
 import parallel
 from augment import ParamDiffAug, parse_strategy
 from base import (UserError, check_choice, check_learning_rate, check_writable_folder, load_torch_file, log,
@@ -21,10 +22,10 @@ from networks import check_model_name, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
                      synthetic_sets)
 from training import evaluate_models
-from utils import EVAL_MODES, get_eval_pool, init_synthetic_set, team_of
+from utils import EVAL_MODES, get_eval_pool, init_synthetic_set, real_init_indices, team_of
 
 RESUME_KEYS = ('method', 'dataset', 'model', 'ipc', 'Iteration', 'seed', 'init', 'lr_img', 'batch_real', 'dsa_strategy',
-               'dis_metric', 'num_exp', 'feat_epochs', 'forget_epochs', 'dsa_condense')
+               'dis_metric', 'num_exp', 'feat_epochs', 'forget_epochs', 'dsa_condense') + labelnoise.RESUME_KEYS
 # Iterations between the checks that the processes of a class split still hold the same synthetic set.
 CHECK_EVERY = 10
 
@@ -123,7 +124,8 @@ def run_experiments(args, data, init_fn, step_fn=None):
                           os.path.join(args.save_path, f'res_{stem}.json'), t_start,
                           history=[h for r in ordered for h in r['history']],
                           loss_history=[h for r in ordered for h in r['loss_history']],
-                          res_file=res_path(args, stem), processes=parallel.world_size(), split=mode)
+                          res_file=res_path(args, stem), processes=parallel.world_size(), split=mode,
+                          **labelnoise.report_fields(args, ordered))
 
 
 def res_path(args, stem):
@@ -177,6 +179,7 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
         image_syn, label_syn = init_fn(exp)
         start_it = 0
         result = {'exp': exp, 'accs': {m: [] for m in eval_pool}, 'history': [], 'loss_history': [], 'vis': []}
+    labelnoise.start_experiment(args, result, exp, resumed=ckpt is not None)
     optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5) if step_fn is not None else None
     if ckpt is not None and ckpt.get('optimizer') is not None:
         optimizer_img.load_state_dict(ckpt['optimizer'])
@@ -204,6 +207,7 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
             raise UserError(f'the matching loss became {loss} at experiment {exp} iteration {it}; lower --lr_img '
                             f'(results of finished experiments are in {args.save_path})')
         result['loss_history'].append({'exp': exp, 'iteration': it, 'loss': loss})
+        labelnoise.end_iteration(args, result, exp, it, team)
         bar.set_postfix(loss=f'{loss:.4f}')
         if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
             team.check_identical(image_syn, 'synthetic set')
@@ -232,6 +236,8 @@ def condense(args, data, iteration):
     classes = list(range(data.num_classes))
 
     def init(exp):
+        if args.init == 'real' and labelnoise.measuring(args):
+            labelnoise.record_selection(args, exp, real_init_indices(data, args.ipc, (args.seed, exp)))
         return init_synthetic_set(data, args.ipc, args.init, args.device, (args.seed, exp))
 
     def step(exp, it, image_syn, label_syn, optimizer_img):
@@ -318,6 +324,7 @@ def add_common_args(parser, **defaults):
     a('--dist_timeout', type=int, default=parallel.DEFAULT_TIMEOUT_S,
       help='under torchrun: seconds a process waits for the others before the job ends (a crashed or hung rank)')
     a('--quiet', action='store_true', help='no progress bars or per-evaluation logs')
+    labelnoise.add_args(parser)  # --noise_rate, --noise_type, --clean_select/--clean_filter (README "Noisy labels")
     # speed (docs/PERFORMANCE.md): none of these changes results beyond float rounding, except --bf16
     a('--eval_batched', type=str, default='auto', choices=SPEED_FLAG_CHOICES,
       help='train the num_eval networks together with torch.func (models without BatchNorm); auto: on a GPU')
@@ -343,6 +350,7 @@ def check_common_args(args):
     for name in get_eval_pool(args.eval_mode, args.model):
         check_model_name(name)
     check_choice(args.init, ('noise', 'real'), 'init')
+    labelnoise.check_args(args)
     parse_strategy(args.dsa_strategy)
     for flag in ('ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train'):
         if getattr(args, flag) < 1:

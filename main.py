@@ -12,6 +12,7 @@ import argparse
 import base
 import coreset
 import experiment
+import labelnoise
 import training
 import utils
 from data import check_ipc_fits, load_dataset_for
@@ -68,6 +69,7 @@ def main(argv=None):
     data = load_dataset_for(args).to(args.device)
     if args.load_syn:
         return experiment.evaluate_saved(args, data)
+    data = labelnoise.prepare(args, data)  # --noise_rate, --clean_filter, --clean_select
     if args.method in training.BASELINE_METHODS:
         return run_baseline(args, data)
     base.log(args, f'{args.method} on {args.dataset} with {args.model}, ipc {args.ipc}: outer_loop {outer_loop}, '
@@ -90,7 +92,9 @@ def run_baseline(args, data):
                     f'evaluation augmentation by {aug}, device {args.device}')
 
     def init(exp):
-        return coreset.coreset(args.method, data, args, args.seed + exp)
+        indices = coreset.select_coreset(args.method, data, args, args.seed + exp)
+        labelnoise.record_selection(args, exp, indices)
+        return data.images_train[indices], data.labels_train[indices]
 
     return experiment.run_experiments(args, data, init)
 

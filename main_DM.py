@@ -9,6 +9,7 @@ import argparse
 
 import base
 import experiment
+import labelnoise
 import utils
 from data import load_dataset_for
 from experiment import cli
@@ -39,6 +40,7 @@ def main(argv=None):
     data = load_dataset_for(args).to(args.device)
     if args.load_syn:
         return experiment.evaluate_saved(args, data)
+    data = labelnoise.prepare(args, data)  # --noise_rate, --clean_filter
     if 0 < args.class_chunk < data.num_classes and has_batchnorm(
             get_network(args.model, data.channel, data.num_classes, data.im_size, device='cpu')):
         raise base.UserError(f'--class_chunk {args.class_chunk} is refused for {args.model}: its BatchNorm statistics '

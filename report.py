@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from base import UserError, check_writable_folder
+from noisetables import build_noise_tables, load_entries
 from plots import write_plots
 from tables import (DATASETS, TABLE_NAMES, ReportError, build_tables, load_records, missing_commands, render_latex,
                     render_markdown, with_save_path)
@@ -29,7 +30,7 @@ def parse_args(argv=None):
     parser.add_argument('--latex', action='store_true', help='LaTeX tabulars instead of markdown')
     parser.add_argument('--pool', action='store_true',
                         help='pool several runs of one cell (default: the newest file, by modification time)')
-    parser.add_argument('--table', type=str, default=None, help=f"print one table: {', '.join(TABLE_NAMES)}")
+    parser.add_argument('--table', type=str, default=None, help=f"print one table: {', '.join(TABLE_NAMES)}, noise")
     parser.add_argument('--commands', type=str, default=None, metavar='TABLE',
                         help='print the command lines, at the papers\' settings, of the cells of TABLE without a '
                              'result (needs --dataset)')
@@ -39,9 +40,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+REPORT_TABLES = TABLE_NAMES + ('noise',)  # noise: noisetables.py (pure rate and accuracy of noisy-label runs)
+
+
 def check_table_name(name):
-    if name not in TABLE_NAMES:
-        raise ReportError(f"unknown table '{name}'; valid tables: {', '.join(TABLE_NAMES)}")
+    if name not in REPORT_TABLES:
+        raise ReportError(f"unknown table '{name}'; valid tables: {', '.join(REPORT_TABLES)}")
 
 
 def print_commands(args):
@@ -59,11 +63,13 @@ def print_commands(args):
 
 
 def print_tables(args, records):
-    names = [args.table] if args.table else TABLE_NAMES
+    names = [args.table] if args.table else REPORT_TABLES
     render = render_latex if args.latex else render_markdown
     printed = 0
     for name in names:
-        for table in build_tables(name, records, args.pool):
+        tables = build_noise_tables(load_entries(args.folders)) if name == 'noise' else build_tables(name, records,
+                                                                                                      args.pool)
+        for table in tables:
             print(render(table))
             printed += 1
     if args.table and not printed:

@@ -7,6 +7,7 @@ import torch
 
 import parallel
 from base import UserError, atomic_write, load_torch_file, log, save_torch_file_atomic, write_json_atomic
+from labelnoise import pure_rate_line
 
 def result_stem(method, dataset, model, ipc):
     return f'{method}_{dataset}_{model}_{ipc}ipc'
@@ -105,6 +106,8 @@ def report_results(args, accs_all_exps, num_exp, json_path, t_start, **extra):
     print('\n==================== Final Results ====================\n')
     for line in summary_lines(num_exp, args.model, summary):
         print(line)
+    if extra.get('pure_rate'):
+        print(pure_rate_line(extra['pure_rate']))
     memory = peak_memory_mb(args.device)
     log(args, f'peak memory: host {memory["host_mb"]:.0f} MB' +
         (f', {args.device} {memory["device_mb"]:.0f} MB' if 'device_mb' in memory else ''))

@@ -327,6 +327,15 @@ def synthetic_labels(num_classes, ipc, device):
     return torch.arange(num_classes, device=device).repeat_interleave(ipc)
 
 
+def real_init_indices(data, ipc, key):
+    """Training-set indices of the real images --init real starts from: ipc per class, in class order."""
+    for c in range(data.num_classes):
+        if data.indices_class[c].numel() < ipc:
+            raise UserError(f"class {c} has {data.indices_class[c].numel()} training images, fewer than ipc {ipc}")
+    return torch.cat([sample_class_indices(data, c, ipc, class_generator(data, key, 'init', c))
+                      for c in range(data.num_classes)])
+
+
 def init_synthetic_set(data, ipc, init, device, key):
     """ipc images per class in class order: Gaussian noise, or random real images of the class. key: (seed,
     experiment), the address of every draw."""
@@ -334,10 +343,7 @@ def init_synthetic_set(data, ipc, init, device, key):
     shape = (data.num_classes * ipc, data.channel, *data.im_size)
     image_syn = torch.randn(shape, generator=rng.generator(device, *key, 'noise'), device=device)
     if init == 'real':
-        for c in range(data.num_classes):
-            if data.indices_class[c].numel() < ipc:
-                raise UserError(f"class {c} has {data.indices_class[c].numel()} training images, fewer than ipc {ipc}")
-            image_syn[c * ipc:(c + 1) * ipc] = sample_class_images(data, c, ipc, class_generator(data, key, 'init', c))
+        image_syn[:] = data.images_train[real_init_indices(data, ipc, key)].to(device)
     return image_syn.requires_grad_(True), synthetic_labels(data.num_classes, ipc, device)
 
 
@@ -384,9 +390,16 @@ def augment_class_pair(img_real, img_syn, key, c, dsa_strategy, dsa_param, mode=
     return img_real, img_syn
 
 
-def class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy=None, dsa_param=None, mode='siamese'):
-    """The real batch and the synthetic images of class c (the i-th class), augmented by augment_class_pair."""
-    img_real = sample_class_images(data, c, batch_real, class_generator(data, key, 'real', c))
+def class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy=None, dsa_param=None, mode='siamese',
+                  select=None):
+    """The real batch and the synthetic images of class c (the i-th class), augmented by augment_class_pair.
+    select (--clean_select, cleanscore.OnlineSelector.bind): the real batch is the batch_real it picks out of
+    select.candidates(batch_real) drawn from the same stream."""
+    if select is None:
+        img_real = sample_class_images(data, c, batch_real, class_generator(data, key, 'real', c))
+    else:
+        candidates = sample_class_indices(data, c, select.candidates(batch_real), class_generator(data, key, 'real', c))
+        img_real = data.images_train[select(data.images_train[candidates], candidates, c, batch_real)]
     img_syn = image_syn[i * ipc:(i + 1) * ipc]
     return augment_class_pair(img_real, img_syn, key, c, dsa_strategy, dsa_param, mode)
 
@@ -401,13 +414,14 @@ def class_pair_loss(net, params, img_real, img_syn, c, metric):
 
 
 def class_gradient_loss(net, image_syn, data, members, ipc, batch_real, metric, key, dsa_strategy=None,
-                        dsa_param=None, mode='siamese'):
+                        dsa_param=None, mode='siamese', select=None):
     """Sum over members (i, c) -- class c, the i-th class of the set -- of the distance between the gradients of the
     real and of the synthetic batch of that class."""
     params = [p for p in net.parameters() if p.requires_grad]
     loss = torch.zeros((), device=image_syn.device)
     for i, c in members:
-        img_real, img_syn = class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy, dsa_param, mode)
+        img_real, img_syn = class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy, dsa_param, mode,
+                                          select)
         loss = loss + class_pair_loss(net, params, img_real, img_syn, c, metric)
     return loss
 
@@ -439,7 +453,7 @@ BATCHED_CLASS_PIXELS = 3_000_000
 
 
 def class_gradient_loss_batched(net, image_syn, data, members, ipc, batch_real, metric, key, dsa_strategy=None,
-                                dsa_param=None, mode='siamese'):
+                                dsa_param=None, mode='siamese', select=None):
     """class_gradient_loss with the per-class gradients of many classes computed together (class_gradients), for
     networks without BatchNorm. The same random draws (each addressed by its class), so the loss and its gradient on
     image_syn equal the loop's to float rounding. Classes go in chunks bounded by
@@ -448,7 +462,7 @@ def class_gradient_loss_batched(net, image_syn, data, members, ipc, batch_real, 
     if not members:
         return torch.zeros((), device=image_syn.device)
     classes = [c for _, c in members]
-    pairs = [class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy, dsa_param, mode)
+    pairs = [class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy, dsa_param, mode, select)
              for i, c in members]
     if len({real.shape[0] for real, _ in pairs}) > 1:
         params = [p for p in net.parameters() if p.requires_grad]
@@ -478,8 +492,9 @@ def matching_step(net, image_syn, optimizer_img, data, args, classes, dsa, key):
     gradient_loss = class_gradient_loss_batched if batched else class_gradient_loss
     freeze_bn_from_real(net, data, classes, key)
     members = team.share(enumerate(classes))
+    selector = getattr(args, 'clean_selector', None)  # --clean_select: candidates scored under this network
     loss = gradient_loss(net, image_syn, data, members, ipc, args.batch_real, args.dis_metric, key, dsa, args.dsa_param,
-                         getattr(args, 'dsa_condense', 'siamese'))
+                         getattr(args, 'dsa_condense', 'siamese'), selector.bind(net) if selector else None)
     optimizer_img.zero_grad(set_to_none=True)
     if loss.requires_grad:
         loss.backward()
