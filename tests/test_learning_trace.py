@@ -93,3 +93,29 @@ def test_bad_trace_flags_fail_before_loading_data(tmp_path, extra, message):
     with pytest.raises(base.UserError, match=message):
         main.main(['--dataset', 'MNIST', '--data_path', str(tmp_path / 'absent'), '--Iteration', '2', '--method', 'DSA',
                    '--device', 'cpu', '--save_path', str(tmp_path), *extra])
+
+
+def test_figures_5_and_6_from_the_recorded_runs(mnist, traced, tmp_path, capsys):
+    import report
+    from PIL import Image
+    folder, _ = traced
+    dc = tmp_path / 'dc'
+    main.main(['--dataset', 'MNIST', '--data_path', mnist, '--ipc', '1', '--Iteration', '2', '--num_exp', '1',
+               '--num_eval', '1', '--epoch_eval_train', '1', '--batch_real', '4', '--init', 'noise', '--device', 'cpu',
+               '--quiet', '--no_vis', '--save_path', str(dc), '--grad_stats', '1', '--snapshot_every', '2'])
+    capsys.readouterr()
+    report.main(['--fig5', str(folder / f'res_{STEM}.json'), str(dc / 'res_DC_MNIST_ConvNet_1ipc.json'),
+                 '--fig6', str(dc / 'snap_DC_MNIST_ConvNet_1ipc_exp0.pt'), str(folder / f'snap_{STEM}_exp0.pt'),
+                 '--fig6_classes', '3', '7', '--out', str(tmp_path / 'fig')])
+    out = capsys.readouterr().out
+    assert 'DSA (crop), MNIST ipc 1: iterations 0..1 (2), 20 (class, step) pairs' in out
+    assert 'DC, MNIST ipc 1: iterations 1..1 (1), 10 (class, step) pairs' in out
+    pngs = sorted(p.name for p in (tmp_path / 'fig').iterdir())
+    assert [p[:5] for p in pngs] == ['fig5_', 'fig6_'] and all(Image.open(tmp_path / 'fig' / p).size[0] > 200
+                                                                 for p in pngs)
+    with pytest.raises(report.ReportError, match=r'recorded none of the iterations \[0\]'):
+        report.main(['--fig5', str(dc / 'res_DC_MNIST_ConvNet_1ipc.json'), '--fig5_iters', '0',
+                     '--out', str(tmp_path / 'fig')])
+    (tmp_path / 'plain.json').write_text(json.dumps({'config': {'method': 'DC'}, 'results': {}}))
+    with pytest.raises(report.ReportError, match='has no gradient norms; learn with --grad_stats'):
+        report.main(['--fig5', str(tmp_path / 'plain.json'), '--out', str(tmp_path / 'fig')])
