@@ -191,6 +191,15 @@ def title_suffix(pool):
     return ' (pooled runs)' if pool else ' (newest run per cell)'
 
 
+def settings_of(groups):
+    """The (dataset, ipc) settings of grouped keys, in the papers' dataset order."""
+    return sorted({k[:2] for k in groups}, key=lambda s: (dataset_rank(s[0]), s[1]))
+
+
+def of_setting(groups, setting):
+    return {k: v for k, v in groups.items() if k[:2] == setting}
+
+
 def build_table2(records, pool):
     cells, groups = table1_cells(records, pool)
     if not any(key[0] == TABLE2_DATASET for key in cells):
@@ -230,7 +239,7 @@ def table3_key(record):
 def build_table3(records, pool):
     groups = group_by(records, table3_key)
     tables = []
-    for setting in sorted({k[:2] for k in groups}, key=lambda s: (dataset_rank(s[0]), s[1])):
+    for setting in settings_of(groups):
         at_paper = setting == TABLE3_SETTING
         rows = []
         for learned_with in TABLE3_MODELS:
@@ -243,7 +252,7 @@ def build_table3(records, pool):
         notes = ['Cross-architecture, DSA (the dataset\'s strategy, Siamese, DSA in evaluation): rows = the network '
                  'the set was learned with (C), columns = the network trained on it (T); ours, the paper\'s (MNIST '
                  'ipc 1, SPEC §9b) in brackets.', setting_note(TABLE3_SETTING, at_paper),
-                 choice_note({k: v for k, v in groups.items() if k[:2] == setting}, pool, 'row')]
+                 choice_note(of_setting(groups, setting), pool, 'row')]
         tables.append(Table('table3', f'Table 3 (DSA paper): cross-architecture, {setting[0]} ipc {setting[1]}'
                             + title_suffix(pool), ['C \\ T', *TABLE3_MODELS], rows, notes))
     return tables
@@ -252,7 +261,7 @@ def build_table3(records, pool):
 def build_table4(records, pool):
     groups = group_by(records, table4_key)
     tables = []
-    for setting in sorted({k[:2] for k in groups}, key=lambda s: (dataset_rank(s[0]), s[1])):
+    for setting in settings_of(groups):
         at_paper = setting == TABLE4_SETTING
         rows = []
         for row_name, (paper_cols, condense, dsa_eval) in TABLE4_ROWS.items():
@@ -266,7 +275,7 @@ def build_table4(records, pool):
                  'for the real and the synthetic batch; A: independent draws; –: none. Row (A) augments nothing, so '
                  'one run (DC with real init, or DSA with --dsa_condense none --dsa_eval 0) fills its four columns.',
                  setting_note(TABLE4_SETTING, at_paper),
-                 choice_note({k: v for k, v in groups.items() if k[:2] == setting}, pool, 'cell')]
+                 choice_note(of_setting(groups, setting), pool, 'cell')]
         header = ['row', 'condense real', 'condense synthetic', 'test synthetic', '--dsa_condense', '--dsa_eval',
                   'Crop', 'Flip', 'Scale', 'Rotation']
         tables.append(Table('table4', f'Table 4 (DSA paper): ablation, {setting[0]} ipc {setting[1]}'
@@ -277,11 +286,8 @@ def build_table4(records, pool):
 def build_table5(records, pool):
     groups = group_by(records, lambda r: (r.dataset, r.ipc, table5_column(r)) if table5_column(r) else None)
     rows = []
-    marked_any = False
-    settings = sorted({k[:2] for k in groups}, key=lambda s: (dataset_rank(s[0]), s[1]))
-    for dataset, ipc in settings:
+    for dataset, ipc in settings_of(groups):
         at_paper = ipc == TABLE5_IPC and dataset in TABLE5_PAPER
-        marked_any |= at_paper
         paper_row = TABLE5_PAPER.get(dataset, (None,) * len(TABLE5_COLUMNS))
         row = [dataset, str(ipc)]
         for k, column in enumerate(TABLE5_COLUMNS):

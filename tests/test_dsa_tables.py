@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-import report
+from test_report import report_in_process
 
 COMBO = 'color_crop_cutout_flip_scale_rotate'
 
@@ -33,13 +33,7 @@ def write(folder, name, results, age=0, **config):
 
 
 def report_out(capsys, *args):
-    code = 0
-    try:
-        report.cli([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return report_in_process(capsys, *args)
 
 
 def row_of(out, title, *first):
