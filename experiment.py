@@ -21,6 +21,7 @@ from data import DATASET_NAMES, check_dataset_args, check_ipc_fits
 from networks import check_model_name, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
                      synthetic_sets)
+from learning_trace import add_trace_args, check_trace_args, snapshot_keeper, trace_summary
 from training import evaluate_models
 from utils import EVAL_MODES, get_eval_pool, init_synthetic_set, real_init_indices, team_of
 
@@ -125,7 +126,7 @@ def run_experiments(args, data, init_fn, step_fn=None):
                           history=[h for r in ordered for h in r['history']],
                           loss_history=[h for r in ordered for h in r['loss_history']],
                           res_file=res_path(args, stem), processes=parallel.world_size(), split=mode,
-                          **labelnoise.report_fields(args, ordered))
+                          **labelnoise.report_fields(args, ordered), **trace_summary(args))
 
 
 def res_path(args, stem):
@@ -181,12 +182,15 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
         result = {'exp': exp, 'accs': {m: [] for m in eval_pool}, 'history': [], 'loss_history': [], 'vis': []}
     labelnoise.start_experiment(args, result, exp, resumed=ckpt is not None)
     optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5) if step_fn is not None else None
+    keeper = snapshot_keeper(args, data, stem, exp, label_syn, start_it, writes) if step_fn is not None else None
     if ckpt is not None and ckpt.get('optimizer') is not None:
         optimizer_img.load_state_dict(ckpt['optimizer'])
     team = team_of(args)
     log(args, f'================== Exp {exp} ==================')
     bar = tqdm(range(start_it, iterations + 1), desc=f'exp {exp}', disable=args.quiet or iterations == 0)
     for it in bar:
+        if keeper is not None:
+            keeper.observe(it, image_syn)
         if it in eval_its:
             accs = evaluate_pool(image_syn.detach(), label_syn, data, args, eval_pool, f'exp {exp} iter {it}',
                                  (args.seed, exp, it))
@@ -336,6 +340,7 @@ def add_common_args(parser, **defaults):
     a('--bf16', action='store_true', help='bfloat16 autocast in evaluation training and test forwards')
     a('--compile', action='store_true', help='torch.compile the evaluation networks (implies one-by-one evaluation; '
                                              'falls back to eager with a warning when unavailable)')
+    add_trace_args(parser)  # --grad_stats, --snapshot_every (learning_trace.py)
     return parser
 
 
@@ -368,6 +373,7 @@ def check_common_args(args):
         check_writable_folder(args.export_png, '--export_png')
     if args.dist_timeout < 1:
         raise UserError(f'--dist_timeout must be at least 1 second, got {args.dist_timeout}')
+    check_trace_args(args)
     args.dsa_param = ParamDiffAug()
     # last: under torchrun this joins the other processes, which only valid flags may reach
     args.device = parallel.setup(args.device, args.dist_timeout)

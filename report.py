@@ -5,6 +5,10 @@
     python report.py result/ --pool                      # pool several runs of one cell (default: the newest)
     python report.py result/ --commands table1 --dataset CIFAR10   # command lines of the cells without a result
     python report.py result/ --plots plots/              # accuracy/loss vs iteration, accuracy vs ipc (PNG)
+    python report.py result/ --table table4              # the DSA paper's Tables 2-5: table2 ... table5
+    python report.py --fig5 dsa/res_X.json dc/res_Y.json --out figs/     # gradient norms (--grad_stats runs)
+    python report.py --fig6 noise/snap_X_exp0.pt real/snap_X_exp0.pt --fig6_classes 0 1 --out figs/
+    python report.py --embed result/res_X.pt --dataset FashionMNIST --out figs/   # PCA / LDA of a set
 
 Read (recursively): res_*.json of main.py / main_DM.py (learned sets and coreset baselines), eval_*.json of
 --load_syn evaluations and cl_*.json of CL_DM.py. Any other JSON file is skipped with a one-line warning.
@@ -14,10 +18,11 @@ import argparse
 import sys
 
 from base import UserError, check_writable_folder
+from dsa_figures import add_figure_args, draw_figures
+from dsa_tables import ALL_TABLE_NAMES as TABLE_NAMES, build_any, commands_any
 from noisetables import build_noise_tables, load_entries
 from plots import write_plots
-from tables import (DATASETS, TABLE_NAMES, ReportError, build_tables, load_records, missing_commands, render_latex,
-                    render_markdown, with_save_path)
+from tables import DATASETS, ReportError, load_records, render_latex, render_markdown
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -37,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument('--dataset', type=str, default=None, help='dataset of --commands')
     parser.add_argument('--plots', type=str, default=None, metavar='DIR',
                         help='also write PNG plots into DIR: accuracy and loss vs iteration per run, accuracy vs ipc')
+    add_figure_args(parser)  # --fig5, --fig6, --embed (dsa_figures.py)
     return parser.parse_args(argv)
 
 
@@ -55,11 +61,11 @@ def print_commands(args):
     if args.dataset not in DATASETS:
         raise ReportError(f"unknown dataset '{args.dataset}'; valid datasets: {', '.join(DATASETS)}")
     records = load_records(args.folders, missing_ok=True)
-    commands = missing_commands(args.commands, args.dataset, records)
+    commands = commands_any(args.commands, args.dataset, records, args.folders[0])
     print(f'# {args.commands} on {args.dataset}: {len(commands)} cell(s) without a result in '
           f'{", ".join(args.folders)}')
     for command in commands:
-        print(with_save_path(command, args.folders[0]))
+        print(command)
 
 
 def print_tables(args, records):
@@ -67,8 +73,8 @@ def print_tables(args, records):
     render = render_latex if args.latex else render_markdown
     printed = 0
     for name in names:
-        tables = build_noise_tables(load_entries(args.folders)) if name == 'noise' else build_tables(name, records,
-                                                                                                      args.pool)
+        tables = build_noise_tables(load_entries(args.folders)) if name == 'noise' else build_any(name, records,
+                                                                                                    args.pool)
         for table in tables:
             print(render(table))
             printed += 1
@@ -79,6 +85,8 @@ def print_tables(args, records):
 
 def main(argv=None):
     args = parse_args(argv)
+    if draw_figures(args):
+        return None
     if args.commands:
         return print_commands(args)
     if args.table:

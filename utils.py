@@ -19,6 +19,7 @@ from torch.utils.data.dataloader import default_collate
 from augment import DiffAugment, ParamDiffAug, augment_dc
 from base import UserError, check_choice
 from data import load_dataset
+from learning_trace import step_recorder
 from networks import get_network, has_batchnorm
 import rng
 from parallel import Team
@@ -404,17 +405,20 @@ def class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy=None
     return augment_class_pair(img_real, img_syn, key, c, dsa_strategy, dsa_param, mode)
 
 
-def class_pair_loss(net, params, img_real, img_syn, c, metric):
-    """Distance between the gradients of the real and of the synthetic batch of class c (the latter differentiable)."""
+def class_pair_loss(net, params, img_real, img_syn, c, metric, stats=None):
+    """Distance between the gradients of the real and of the synthetic batch of class c (the latter differentiable).
+    stats: a learning_trace.StepRecorder that records both gradients' norms (--grad_stats), or None."""
     lab_real = torch.full((img_real.shape[0],), c, device=img_real.device, dtype=torch.long)
     lab_syn = torch.full((img_syn.shape[0],), c, device=img_syn.device, dtype=torch.long)
     gw_real = [g.detach() for g in mean_loss_grads(net, params, img_real, lab_real)]
     gw_syn = mean_loss_grads(net, params, img_syn, lab_syn, create_graph=True)
+    if stats is not None:
+        stats.add([c], gw_real, gw_syn)
     return match_loss(gw_syn, gw_real, metric)
 
 
 def class_gradient_loss(net, image_syn, data, members, ipc, batch_real, metric, key, dsa_strategy=None,
-                        dsa_param=None, mode='siamese', select=None):
+                        dsa_param=None, mode='siamese', select=None, stats=None):
     """Sum over members (i, c) -- class c, the i-th class of the set -- of the distance between the gradients of the
     real and of the synthetic batch of that class."""
     params = [p for p in net.parameters() if p.requires_grad]
@@ -422,7 +426,7 @@ def class_gradient_loss(net, image_syn, data, members, ipc, batch_real, metric, 
     for i, c in members:
         img_real, img_syn = class_batches(data, image_syn, i, c, ipc, batch_real, key, dsa_strategy, dsa_param, mode,
                                           select)
-        loss = loss + class_pair_loss(net, params, img_real, img_syn, c, metric)
+        loss = loss + class_pair_loss(net, params, img_real, img_syn, c, metric, stats)
     return loss
 
 
@@ -453,7 +457,7 @@ BATCHED_CLASS_PIXELS = 3_000_000
 
 
 def class_gradient_loss_batched(net, image_syn, data, members, ipc, batch_real, metric, key, dsa_strategy=None,
-                                dsa_param=None, mode='siamese', select=None):
+                                dsa_param=None, mode='siamese', select=None, stats=None):
     """class_gradient_loss with the per-class gradients of many classes computed together (class_gradients), for
     networks without BatchNorm. The same random draws (each addressed by its class), so the loss and its gradient on
     image_syn equal the loop's to float rounding. Classes go in chunks bounded by
@@ -466,7 +470,7 @@ def class_gradient_loss_batched(net, image_syn, data, members, ipc, batch_real, 
              for i, c in members]
     if len({real.shape[0] for real, _ in pairs}) > 1:
         params = [p for p in net.parameters() if p.requires_grad]
-        return sum(class_pair_loss(net, params, real, syn, c, metric) for (real, syn), c in zip(pairs, classes))
+        return sum(class_pair_loss(net, params, real, syn, c, metric, stats) for (real, syn), c in zip(pairs, classes))
     h, w = image_syn.shape[2:]
     most = max(1, BATCHED_CLASS_PIXELS // ((pairs[0][0].shape[0] + ipc) * h * w))
     chunk = math.ceil(len(classes) / math.ceil(len(classes) / most))  # even chunks of at most `most` classes
@@ -476,6 +480,8 @@ def class_gradient_loss_batched(net, image_syn, data, members, ipc, batch_real, 
         labels = torch.as_tensor([classes[i] for i in members], device=image_syn.device)
         gw_real = [g.detach() for g in class_gradients(net, torch.stack([pairs[i][0] for i in members]), labels)]
         gw_syn = class_gradients(net, torch.stack([pairs[i][1] for i in members]), labels, create_graph=True)
+        if stats is not None:
+            stats.add([classes[i] for i in members], gw_real, gw_syn, stacked=True)
         loss = loss + match_loss_classes(gw_syn, gw_real, metric).sum()
     return loss
 
@@ -494,7 +500,8 @@ def matching_step(net, image_syn, optimizer_img, data, args, classes, dsa, key):
     members = team.share(enumerate(classes))
     selector = getattr(args, 'clean_selector', None)  # --clean_select: candidates scored under this network
     loss = gradient_loss(net, image_syn, data, members, ipc, args.batch_real, args.dis_metric, key, dsa, args.dsa_param,
-                         getattr(args, 'dsa_condense', 'siamese'), selector.bind(net) if selector else None)
+                         getattr(args, 'dsa_condense', 'siamese'), selector.bind(net) if selector else None,
+                         step_recorder(args, key))
     optimizer_img.zero_grad(set_to_none=True)
     if loss.requires_grad:
         loss.backward()
