@@ -188,7 +188,7 @@ def run_cli(*args, cwd=ROOT):
 
 @pytest.mark.parametrize('script,flags,message', [
     ('main.py', ['--method', 'XYZ'], "unknown method 'XYZ'"),
-    ('main.py', ['--dataset', 'Imagenette'], "unknown dataset 'Imagenette'"),
+    ('main.py', ['--dataset', 'ImageNet1K'], "unknown dataset 'ImageNet1K'"),  # Imagenette is a dataset now
     ('main.py', ['--model', 'ResNet99'], "unknown model 'ResNet99'"),
     ('main.py', ['--eval_mode', 'Q'], "unknown eval_mode 'Q'"),
     ('main.py', ['--dis_metric', 'l1'], "unknown dis_metric 'l1'"),
