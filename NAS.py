@@ -552,15 +552,9 @@ def write_report(args, report):
 # command line
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors, so that a bad flag ends in one line like every other bad input."""
-
-    def error(self, message):
-        raise base.UserError(f'{message} (see python NAS.py --help)')
-
-
 def parse_args(argv=None):
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = base.OneLineParser(script='NAS.py', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a('--dataset', type=str, default='CIFAR10', help=', '.join(DATASET_NAMES))
     a('--proxy', type=str, default=None, help='random, early_stop or a res_*.pt file of learned sets')

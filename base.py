@@ -1,5 +1,6 @@
 """What every layer needs: the user-facing error type, atomic file writing, safe loading of torch files,
 devices, global seeding and logging. Imports nothing of the project, so every module can import it."""
+import argparse
 import json
 import math
 import os
@@ -22,6 +23,18 @@ class UserError(Exception):
 
     def __init__(self, message):
         super().__init__(" ".join(str(message).split()))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors, so that a bad flag ends in one line like every other bad input.
+    script: the name the message points to for --help."""
+
+    def __init__(self, *args, script, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.script = script
+
+    def error(self, message):
+        raise UserError(f'{message} (see python {self.script} --help)')
 
 
 def short_error(exc, limit=200):

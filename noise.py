@@ -45,13 +45,9 @@ PASSED = ('model', 'num_exp', 'num_eval', 'epoch_eval_train', 'Iteration', 'batc
           'clean_keep', 'score_epochs', 'score_model', 'buffer_size', 'buffer_rows', 'seed', 'data_path', 'device')
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise base.UserError(f'{message} (see python noise.py --help)')
-
-
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = base.OneLineParser(script='noise.py', description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--dataset', type=str, default='FashionMNIST', help=', '.join(DATASETS))
     a('--noise_rate', type=float, nargs='+', default=[0.2, 0.4], help='noise rates of the grid (0 <= r < 1)')
