@@ -38,8 +38,10 @@ def random_selection(n, ipc, generator):
 
 
 def herding_selection(features, ipc):
-    """Greedy herding: each step adds the row that brings the mean of the selected rows closest to the mean of all
-    rows. features: (n, d). Returns ipc distinct positions in pick order."""
+    """Greedy herding, the DC authors' rule (their pseudocode, VICO-UoE/DatasetCondensation issue #15): step t adds
+    the unselected row nearest to t * mean - (sum of the rows selected so far), i.e. the row that brings the mean
+    of the selected rows closest to the mean of all rows. Run on the raw penultimate embeddings, as theirs is (no
+    scaling to unit length, unlike iCaRL's). features: (n, d). Returns ipc distinct positions in pick order."""
     n = features.shape[0]
     _check_pick_count(n, ipc)
     target = features.mean(0)
@@ -54,13 +56,6 @@ def herding_selection(features, ipc):
         taken[i] = True
         total = total + features[i]
     return torch.stack(picks)
-
-
-def herding_features(embeddings):
-    """What herding matches means of: each image's embedding scaled to unit length, as in iCaRL (Rebuffi et al.
-    2017), whose herding the DC paper uses. Unscaled, the running mean is pulled by the images with the largest
-    embeddings and the greedy picks depend on their norms rather than on their directions."""
-    return torch.nn.functional.normalize(embeddings.float(), dim=1)
 
 
 def _distances_to(features, point):
@@ -211,7 +206,7 @@ def select_coreset(method, data, args, seed):
         elif method == 'forgetting':
             pos = forgetting_selection(counts[idx], args.ipc, rng.generator(idx.device, seed, 'forgetting', c))
         elif method == 'herding':
-            pos = herding_selection(herding_features(embed_images(net, data.images_train, idx)), args.ipc)
+            pos = herding_selection(embed_images(net, data.images_train, idx).float(), args.ipc)
         else:
             pos = kcenter_selection(embed_images(net, data.images_train, idx).float(), args.ipc)
         picks.append(idx[pos])

@@ -79,7 +79,7 @@ def main_probe():
                 cache[key] = coreset.embed_images(net, data.images_train, idx).float()
             return cache[key]
 
-        l2 = lambda idx, raw=raw: coreset.herding_features(raw(idx))  # noqa: E731
+        l2 = lambda idx, raw=raw: torch.nn.functional.normalize(raw(idx), dim=1)  # noqa: E731
         variants = ((f'featnet {epochs} ep, raw embedding, greedy herding', raw, coreset.herding_selection),
                     (f'featnet {epochs} ep, L2-normalised, greedy herding', l2, coreset.herding_selection),
                     (f'featnet {epochs} ep, raw embedding, nearest to mean', raw, nearest_to_mean))

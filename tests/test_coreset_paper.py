@@ -1,5 +1,5 @@
 """Issue 23: the coreset baselines as the DC paper describes them: one feature network and one set of forgetting
-statistics per run, cached and shared, and herding as the greedy mean matching of Welling 2009 / iCaRL."""
+statistics per run, cached and shared, and herding and k-center as the authors' pseudocode describes them."""
 import os
 
 import pytest
@@ -60,23 +60,54 @@ def test_wrong_cached_forgetting_statistics_are_one_line(small_data, tmp_path):
         coreset.select_coreset('forgetting', small_data, args, seed=0)
 
 
-# ----------------------------------------------------------------------------- herding as iCaRL's
+# ----------------------------------------------------------------------------- herding and k-center as the authors'
+# Their pseudocode (PatrickZH, VICO-UoE/DatasetCondensation issues #15 and #21), run class by class on the features:
+#   herding:  det = mean * (i + 1) - sum(features[selected]); pick argmin distance(det, features[left])
+#   k-center: start from argmin distance(features, mean); then argmax of the distance to the nearest centre
 
-def test_herding_matches_means_of_unit_length_embeddings():
-    # embeddings of one class; unit length: a (1,0), b (0,1), c (0,-1), d (-1,0), e (0.6,0.8), mean (0.12, 0.16)
+def authors_herding(features, num):
+    mean = features.mean(0, keepdim=True)
+    selected, left = [], list(range(features.shape[0]))
+    for i in range(num):
+        det = mean * (i + 1) - features[selected].sum(0, keepdim=True)
+        j = int(torch.cdist(det, features[left]).argmin())
+        selected.append(left.pop(j))
+    return selected
+
+
+def authors_kcenter(features, ipc):
+    centres = [int(torch.cdist(features, features.mean(0, keepdim=True))[:, 0].argsort()[0])]
+    for _ in range(ipc - 1):
+        centres.append(int(torch.cdist(features, features[centres]).min(-1).values.argmax()))
+    return centres
+
+
+def test_herding_is_the_authors_greedy_rule_on_raw_embeddings():
+    # embeddings of one class: a (10,0), b (0,1), c (0,-2), d (-1,0), e (6,8); mean (3, 1.4)
     features = torch.tensor([[10., 0.], [0., 1.], [0., -2.], [-1., 0.], [6., 8.]])
-    # pick 1, squared distance to the mean: a 0.80, b 0.72, c 1.36, d 1.28, e 0.64 -> e
-    # pick 2, mean of {e, x}: a 0.52, b 0.58, c (0.3,-0.1) 0.10, d 0.16 -> c
-    # pick 3, mean of {e, c, x}: a 0.222, b (0.2,0.267) 0.018, d 0.115 -> b
-    assert coreset.herding_selection(coreset.herding_features(features), 3).tolist() == [4, 2, 1]
-    # on the raw embeddings the mean is (3, 1.4) and the small b (distance 9.16) would come first
-    assert coreset.herding_selection(features, 1).tolist() == [1]
+    # pick 1, det = mean (3, 1.4); squared distances a 50.96, b 9.16, c 20.56, d 17.96, e 52.56 -> b
+    # pick 2, det = 2 mean - b = (6, 1.8): a 19.24, c 50.44, d 52.24, e 38.44 -> a
+    # pick 3, det = 3 mean - b - a = (-1, 3.2): c 28.04, d 10.24, e 72.04 -> d
+    assert coreset.herding_selection(features, 3).tolist() == [1, 0, 3]
+    assert authors_herding(features, 3) == [1, 0, 3]
+    # iCaRL's reading (unit-length embeddings) would pick e, c, b: not the authors'
+    assert coreset.herding_selection(torch.nn.functional.normalize(features, dim=1), 3).tolist() == [4, 2, 1]
 
 
-def test_herding_picks_do_not_depend_on_embedding_norms():
+def test_herding_agrees_with_the_authors_pseudocode_on_relu_embeddings():
     g = torch.Generator().manual_seed(0)
-    features = torch.randn(40, 16, generator=g).relu() + 0.01  # ReLU embeddings, like ConvNet.embed
-    scales = torch.rand(40, 1, generator=g) * 10 + 0.1
-    picks = coreset.herding_selection(coreset.herding_features(features), 8)
-    assert torch.equal(coreset.herding_selection(coreset.herding_features(features * scales), 8), picks)
-    assert picks.unique().numel() == 8  # without replacement
+    features = torch.randn(60, 16, generator=g).relu() * (torch.rand(60, 1, generator=g) * 10 + 0.1)
+    picks = coreset.herding_selection(features, 12)
+    assert picks.tolist() == authors_herding(features, 12)
+    assert picks.unique().numel() == 12  # without replacement
+
+
+@pytest.mark.parametrize('method, rule', [('herding', authors_herding), ('kcenter', authors_kcenter)])
+def test_coresets_select_on_the_raw_penultimate_embeddings_of_the_feature_network(small_data, tmp_path, method, rule):
+    args = run_args(tmp_path)
+    picks = coreset.select_coreset(method, small_data, args, seed=0)
+    net = coreset.feature_net(small_data, args, args.seed)  # the cached network the selection used
+    with torch.no_grad():
+        expected = [int(idx[rule(net.embed(small_data.images_train[idx]).float(), 2)][k])
+                    for idx in small_data.indices_class for k in range(2)]
+    assert picks.tolist() == expected
