@@ -156,7 +156,8 @@ def memory_path(data_path, method, dataset, model, ipc, steps, seed_cl):
 def build_command(args):
     """The command line that builds the memory files of this run."""
     parts = ['python', 'CL_DM.py', '--method', args.method, '--dataset', args.dataset, '--model', args.model,
-             '--ipc', str(args.ipc), '--steps', str(args.steps), '--data_path', args.data_path]
+             '--ipc', str(args.ipc), '--steps', str(args.steps), '--data_path', args.data_path,
+             *folders.folder_flags(args)]
     if args.num_orders != 5:
         parts += ['--num_orders', str(args.num_orders)]
     return ' '.join(shlex.quote(p) for p in parts + ['--build'])

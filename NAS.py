@@ -411,7 +411,8 @@ def run_proxy_search(args, data, candidates, proxy):
 def fill_command(args):
     """The --ground_truth command that fills the cache for this run's space and settings."""
     parts = ['python', 'NAS.py', '--dataset', args.dataset, '--data_path', args.data_path, '--save_path',
-             args.save_path, '--ground_truth', '--whole_epochs', str(args.whole_epochs), '--seed', str(args.seed)]
+             args.save_path, '--ground_truth', '--whole_epochs', str(args.whole_epochs), '--seed', str(args.seed),
+             *folders.folder_flags(args)]
     if args.train_subset:
         parts += ['--train_subset', str(args.train_subset)]
     if args.lr_net != DEFAULT_LR:

@@ -82,6 +82,17 @@ def add_folder_args(parser):
     return parser
 
 
+def folder_flags(args):
+    """The --im_size / --channels flags of args as command-line words (none when unset), for the commands a
+    script suggests, so a suggested command reads the folder dataset at the same shape."""
+    words = []
+    if getattr(args, 'im_size', None) is not None:
+        words += ['--im_size', *map(str, args.im_size)]
+    if getattr(args, 'channels', None) is not None:
+        words += ['--channels', str(args.channels)]
+    return words
+
+
 def check_folder_args(args):
     """Validate --im_size / --channels / --data_path of a folder dataset before any data is loaded."""
     im_size, channels = getattr(args, 'im_size', None), getattr(args, 'channels', None)

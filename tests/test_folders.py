@@ -357,3 +357,17 @@ def test_every_original_name_by_keyword(folder):
                                                    labels_train=torch.tensor([0, 0, 1, 1]), testloader=testloader,
                                                    args=eargs)
     assert 0 <= acc_test <= 1
+
+
+def test_suggested_commands_carry_the_folder_shape():
+    import CL_DM
+    import NAS
+    shape = ['--dataset', 'ImageFolder', '--data_path', 'imgs', '--im_size', '8', '6', '--channels', '1']
+    cl = CL_DM.parse_args(shape + ['--method', 'herding'])
+    assert '--im_size 8 6 --channels 1' in CL_DM.build_command(cl)
+    nas = NAS.parse_args(shape + ['--ground_truth'])
+    nas.space = {'depth': [3]}
+    assert '--im_size 8 6 --channels 1' in NAS.fill_command(nas)
+    plain = NAS.parse_args(['--dataset', 'FashionMNIST', '--ground_truth'])
+    plain.space = {'depth': [3]}
+    assert '--im_size' not in NAS.fill_command(plain) and '--channels' not in NAS.fill_command(plain)
