@@ -205,10 +205,9 @@ def select_coreset(method, data, args, seed):
             pos = random_selection(idx.numel(), args.ipc, rng.generator(idx.device, seed, 'random', c))
         elif method == 'forgetting':
             pos = forgetting_selection(counts[idx], args.ipc, rng.generator(idx.device, seed, 'forgetting', c))
-        elif method == 'herding':
-            pos = herding_selection(embed_images(net, data.images_train, idx).float(), args.ipc)
-        else:
-            pos = kcenter_selection(embed_images(net, data.images_train, idx).float(), args.ipc)
+        else:  # herding / kcenter: on the feature network's raw penultimate embeddings
+            select = herding_selection if method == 'herding' else kcenter_selection
+            pos = select(embed_images(net, data.images_train, idx).float(), args.ipc)
         picks.append(idx[pos])
     return torch.cat(picks)
 

@@ -56,8 +56,8 @@ def main_probe():
     p.add_argument('--epochs', type=int, nargs='+', default=[2, 5])
     p.add_argument('--num_eval', type=int, default=2)
     p.add_argument('--ipc', type=int, default=10)
-    p.add_argument('--skip_eval', type=int, default=0, help='evaluate only the variants after the first N')
-    p.add_argument('--only', type=int, nargs='+', default=None, help='evaluate only these variants (1 = raw, ...)')
+    p.add_argument('--only', type=int, nargs='+', default=None, choices=(1, 2, 3),
+                   help='evaluate only these variants (1 raw, 2 L2-normalised, 3 nearest to mean; default: all kept)')
     p.add_argument('--no_accuracy', action='store_true', help="skip the feature network's test pass")
     p.add_argument('--variants', type=int, default=3, help='the first N of: raw, L2-normalised, nearest to mean')
     a = p.parse_args()
@@ -90,7 +90,7 @@ def main_probe():
             print(f'{name}: typicality {typicality(data, embed, indices):.3f} (raw embedding '
                   f'{typicality(data, raw, indices):.3f}), shared with the first variant '
                   f'{int(torch.isin(indices, chosen[0][2]).sum())} of {indices.numel()}', flush=True)
-        evaluated = [chosen[k - 1] for k in a.only] if a.only else chosen[a.skip_eval:]
+        evaluated = [chosen[k - 1] for k in a.only] if a.only else chosen
         for name, _, indices in evaluated:
             accs = evaluate(data, args, indices, a.num_eval)
             print(f'{name}: accs {[round(100 * x, 2) for x in accs]} mean {100 * np.mean(accs):.2f}', flush=True)
