@@ -13,7 +13,7 @@ from base import UserError, check_choice, load_torch_file, log, save_torch_file_
 from data import check_ipc_fits
 from experiment import evaluate_pool
 from networks import get_network
-from results import report_results, result_stem, save_results
+from results import report_results, result_stem, save_results, write_progress_summary
 from training import BASELINE_METHODS, backward_mean_loss, embed_chunked
 from utils import get_eval_pool
 
@@ -226,6 +226,7 @@ def run_whole(args, data):
     args.team = parallel.Team(shared=True)
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
     res_path = os.path.join(args.save_path, f'res_{stem}.pt')
+    json_path = os.path.join(args.save_path, f'res_{stem}.json')
     eval_pool = get_eval_pool(args.eval_mode, args.model)
     accs_all_exps, history = {m: [] for m in eval_pool}, []
     t_start = time.time()
@@ -239,5 +240,7 @@ def run_whole(args, data):
             history.append({'exp': exp, 'iteration': 0, 'model': m, 'accs': a})
         if parallel.rank() == 0:
             save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
-    return report_results(args, accs_all_exps, args.num_exp, os.path.join(args.save_path, f'res_{stem}.json'),
-                          t_start, history=history, res_file=res_path, **labelnoise.report_fields(args, []))
+        if exp + 1 < args.num_exp:
+            write_progress_summary(args, accs_all_exps, exp + 1, json_path, t_start)
+    return report_results(args, accs_all_exps, args.num_exp, json_path, t_start, history=history, res_file=res_path,
+                          **labelnoise.report_fields(args, []))

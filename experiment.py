@@ -20,7 +20,7 @@ from base import (UserError, check_choice, check_learning_rate, check_writable_f
 from data import DATASET_NAMES, check_dataset_args, check_ipc_fits
 from networks import check_model_name, get_network, has_batchnorm
 from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
-                     synthetic_sets)
+                     synthetic_sets, write_progress_summary)
 from learning_trace import add_trace_args, check_trace_args, snapshot_keeper, trace_summary
 from training import evaluate_models
 from utils import EVAL_MODES, get_eval_pool, init_synthetic_set, real_init_indices, team_of
@@ -91,6 +91,7 @@ def run_experiments(args, data, init_fn, step_fn=None):
     args.checkpoint_every iterations, and writes res_*.pt, the vis pngs and the JSON summary atomically (rank 0 only
     under torchrun, in experiment order). Returns the summary dict."""
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
+    json_path = os.path.join(args.save_path, f'res_{stem}.json')
     os.makedirs(args.save_path, exist_ok=True)
     mode = distribution_mode(args)
     args.team = parallel.Team(shared=(mode != 'experiments'))
@@ -107,6 +108,8 @@ def run_experiments(args, data, init_fn, step_fn=None):
         if main_process and whole_world:
             save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)],
                          merged_accuracies(results, args), args, {'seconds': time.time() - t_start})
+            if len(results) < args.num_exp:
+                write_progress_summary(args, merged_accuracies(results, args), len(results), json_path, t_start)
     for part in parallel.gather_to_all(results if not whole_world else {}):
         results.update(part)
     if main_process and not whole_world:  # what each process kept for rank 0: the sets, their grids and exports
@@ -121,8 +124,7 @@ def run_experiments(args, data, init_fn, step_fn=None):
             if os.path.exists(path):
                 os.remove(path)
     ordered = [results[e] for e in sorted(results)]
-    return report_results(args, merged_accuracies(results, args), args.num_exp,
-                          os.path.join(args.save_path, f'res_{stem}.json'), t_start,
+    return report_results(args, merged_accuracies(results, args), args.num_exp, json_path, t_start,
                           history=[h for r in ordered for h in r['history']],
                           loss_history=[h for r in ordered for h in r['loss_history']],
                           res_file=res_path(args, stem), processes=parallel.world_size(), split=mode,

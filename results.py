@@ -116,6 +116,16 @@ def report_results(args, accs_all_exps, num_exp, json_path, t_start, **extra):
     return summary
 
 
+def write_progress_summary(args, accs_all_exps, experiments_done, json_path, t_start):
+    """The JSON summary of a run still going: written after each finished experiment, so that a run stopped before
+    its end (a session's end, a kill) still shows in report.py, as 'k×K of E×K'. The run's end overwrites it."""
+    if parallel.rank() != 0:
+        return
+    write_json_atomic(json_path, {'config': config_dict(args), 'results': summarize(accs_all_exps),
+                                  'experiments_done': experiments_done,
+                                  'wall_seconds': round(time.time() - t_start, 3)})
+
+
 def peak_memory_mb(device='cpu'):
     """Peak resident host memory of this process (and peak allocated CUDA memory), in MB."""
     import resource

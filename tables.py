@@ -232,6 +232,8 @@ def read_record(path, folder):
         return Record(kind='cl', config=config, steps=steps, **common)
     if 'results' in obj:
         config = check_config(obj, ('method', 'dataset', 'model', 'ipc'))
+        if is_number(obj.get('experiments_done')):  # a run's progress summary (results.write_progress_summary)
+            config['experiments_done'] = int(obj['experiments_done'])
         kind = 'eval' if 'file' in obj else 'run'
         return Record(kind=kind, config=config, results=read_results(obj),
                       history=read_list_of_dicts(obj, 'history', ('iteration', 'model', 'accs')),
@@ -264,10 +266,13 @@ class Cell:
 
 
 def count_label(summary, config):
-    """'E×K' when the accuracies are num_exp experiments of num_eval networks, else 'n=N'."""
-    num_exp, num_eval = config.get('num_exp'), config.get('num_eval')
+    """'E×K' when the accuracies are num_exp experiments of num_eval networks ('k×K of E×K' for a run stopped after
+    k of them), else 'n=N'."""
+    num_exp, num_eval, done = config.get('num_exp'), config.get('num_eval'), config.get('experiments_done')
     if is_number(num_exp) and is_number(num_eval) and num_exp * num_eval == summary['n']:
         return f'{num_exp}×{num_eval}'
+    if is_number(done) and is_number(num_eval) and done * num_eval == summary['n']:
+        return f'{done}×{num_eval} of {num_exp}×{num_eval}'
     return f"n={summary['n']}"
 
 

@@ -169,6 +169,46 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path, monkeypatch, module, m
     assert not list((tmp_path / 'cut').glob('ckpt_*'))
 
 
+def test_a_stopped_run_leaves_a_progress_summary_that_report_labels(mnist_dir, tmp_path, monkeypatch, capsys):
+    # a 2-experiment coreset run stopped in its second experiment: the JSON summary of the first experiment is there
+    # (mean and std of its networks' accuracies as stored in res_*.pt), report.py labels its cell '1×2 of 2×2', and
+    # the resumed run's end replaces it by the whole run's summary
+    import coreset
+    import report
+    flags = ['--method', 'random', '--ipc', '1', '--num_exp', '2', '--num_eval', '2', '--no_vis']
+    real_select = coreset.select_coreset
+    calls = {'n': 0}
+
+    def flaky(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 2:
+            raise KeyboardInterrupt
+        return real_select(*a, **k)
+    monkeypatch.setattr(coreset, 'select_coreset', flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(main, mnist_dir, tmp_path, *flags)
+    monkeypatch.setattr(coreset, 'select_coreset', real_select)
+    stem = 'random_MNIST_ConvNet_1ipc'
+    progress = json.loads((tmp_path / f'res_{stem}.json').read_text())
+    accs = [float(a) for a in base.load_torch_file(tmp_path / f'res_{stem}.pt', 'r')['accs_all_exps']['ConvNet']]
+    assert progress['experiments_done'] == 1 and len(accs) == 2
+    mean = (accs[0] + accs[1]) / 2
+    std = (((accs[0] - mean) ** 2 + (accs[1] - mean) ** 2) / 2) ** 0.5
+    assert progress['results']['ConvNet']['n'] == 2
+    assert progress['results']['ConvNet']['mean'] == pytest.approx(100 * mean)
+    assert progress['results']['ConvNet']['std'] == pytest.approx(100 * std)
+    capsys.readouterr()
+    report.main([str(tmp_path), '--table', 'runs'])
+    assert '1×2 of 2×2' in capsys.readouterr().out
+
+    run_main(main, mnist_dir, tmp_path, *flags, '--resume')
+    final = json.loads((tmp_path / f'res_{stem}.json').read_text())
+    assert 'experiments_done' not in final and final['results']['ConvNet']['n'] == 4
+    report.main([str(tmp_path), '--table', 'runs'])
+    out = capsys.readouterr().out
+    assert '2×2' in out and '×2 of ' not in out
+
+
 def test_load_syn_round_trip(mnist_dir, tmp_path):
     run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '1', '--no_vis', '--num_exp', '2')
     res_file = tmp_path / 'res_DC_MNIST_ConvNet_1ipc.pt'
