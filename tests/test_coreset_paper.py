@@ -111,3 +111,24 @@ def test_coresets_select_on_the_raw_penultimate_embeddings_of_the_feature_networ
         expected = [int(idx[rule(net.embed(small_data.images_train[idx]).float(), 2)][k])
                     for idx in small_data.indices_class for k in range(2)]
     assert picks.tolist() == expected
+
+
+def test_forgetting_probe_reads_the_short_statistics_from_the_first_epochs_of_a_longer_run(small_data, tmp_path,
+                                                                                             monkeypatch):
+    # benchmarks/forgetting_probe.py compares K- and E-epoch statistics from one E-epoch run: that rests on the first
+    # K epochs of the longer run being main.py's K-epoch run (same stream, constant learning rate), record for record
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+    import forgetting_probe
+    args = run_args(tmp_path)
+    history = forgetting_probe.correctness_history(small_data, args, 4)
+    assert history.shape == (4, small_data.labels_train.shape[0]) and history.dtype == torch.bool
+    recorded, real_train = [], coreset.train_full_set
+    monkeypatch.setattr(coreset, 'train_full_set', lambda *a, **k: recorded.append(real_train(*a, **k)) or recorded[-1])
+    coreset.forgetting_statistics(small_data, args, args.seed)  # main.py's, --forget_epochs 2
+    assert torch.equal(recorded[0], history[:2])
+    assert 0 < int(history[:2].sum()) < history[:2].numel()  # a record that can tell runs apart
+    # never learned first: the never-learned image outranks the most forgotten one, the rest keep their order
+    counts, never = torch.tensor([0, 2, 1, 0]), torch.tensor([True, False, False, False])
+    scores = forgetting_probe.never_first(counts, never)
+    assert torch.argsort(scores, descending=True, stable=True).tolist() == [0, 1, 2, 3]
