@@ -172,12 +172,24 @@ def forgetting_statistics(data, args, seed):
         log(args, f'forgetting statistics loaded from {path}')
         return counts.to(data.labels_train.device)
     log(args, f'counting forgetting events ({args.model}, {args.forget_epochs} epochs, seed {seed})')
-    with rng.seeded(args.device, seed, 'forgetting'):  # its initialisation and batch orders
-        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-        history = train_full_set(net, data, args.forget_epochs, args.lr_net, desc='forgetting', quiet=args.quiet)
-    counts = forgetting_counts(history)
+    counts = forgetting_counts(forgetting_history(data, args, seed, args.forget_epochs, quiet=args.quiet))
     save_torch_file_atomic(counts.cpu(), path)
     return counts
+
+
+def forgetting_history(data, args, seed, epochs, quiet):
+    """The (epochs, N) correctness record of the forgetting network: a --model network trained on the full set from
+    stream (seed, 'forgetting'), its initialisation and batch orders."""
+    with rng.seeded(args.device, seed, 'forgetting'):
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
+        return train_full_set(net, data, epochs, args.lr_net, desc='forgetting', quiet=quiet)
+
+
+def forgetting_picks(data, counts, ipc, seed):
+    """Per class, the ipc most-forgotten training images by per-image counts (ties from stream (seed,
+    'forgetting', class)); training-set indices, classes in order."""
+    return torch.cat([idx[forgetting_selection(counts[idx], ipc, rng.generator(idx.device, seed, 'forgetting', c))]
+                      for c, idx in enumerate(data.indices_class)])
 
 
 @torch.inference_mode()
@@ -194,17 +206,13 @@ def select_coreset(method, data, args, seed):
     the random picks and the tie-breaks of each class."""
     check_choice(method, SELECTION_METHODS, 'coreset method')
     check_ipc_fits(data, args.ipc)
-    net, counts = None, None
-    if method in ('herding', 'kcenter'):
-        net = feature_net(data, args, args.seed)
     if method == 'forgetting':
-        counts = forgetting_statistics(data, args, args.seed)
+        return forgetting_picks(data, forgetting_statistics(data, args, args.seed), args.ipc, seed)
+    net = feature_net(data, args, args.seed) if method in ('herding', 'kcenter') else None
     picks = []
     for c, idx in enumerate(data.indices_class):
         if method == 'random':
             pos = random_selection(idx.numel(), args.ipc, rng.generator(idx.device, seed, 'random', c))
-        elif method == 'forgetting':
-            pos = forgetting_selection(counts[idx], args.ipc, rng.generator(idx.device, seed, 'forgetting', c))
         else:  # herding / kcenter: on the feature network's raw penultimate embeddings
             select = herding_selection if method == 'herding' else kcenter_selection
             pos = select(embed_images(net, data.images_train, idx).float(), args.ipc)

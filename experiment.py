@@ -106,10 +106,11 @@ def run_experiments(args, data, init_fn, step_fn=None):
         results[exp] = run_experiment(args, data, exp, init_fn, step_fn, stem, writes=main_process or not whole_world,
                                       show=main_process and whole_world)
         if main_process and whole_world:
-            save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)],
-                         merged_accuracies(results, args), args, {'seconds': time.time() - t_start})
+            accs_so_far = merged_accuracies(results, args)
+            save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)], accs_so_far, args,
+                         {'seconds': time.time() - t_start})
             if len(results) < args.num_exp:
-                write_progress_summary(args, merged_accuracies(results, args), len(results), json_path, t_start)
+                write_progress_summary(args, accs_so_far, len(results), json_path, t_start)
     for part in parallel.gather_to_all(results if not whole_world else {}):
         results.update(part)
     if main_process and not whole_world:  # what each process kept for rank 0: the sets, their grids and exports

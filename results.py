@@ -111,9 +111,14 @@ def report_results(args, accs_all_exps, num_exp, json_path, t_start, **extra):
     memory = peak_memory_mb(args.device)
     log(args, f'peak memory: host {memory["host_mb"]:.0f} MB' +
         (f', {args.device} {memory["device_mb"]:.0f} MB' if 'device_mb' in memory else ''))
-    write_json_atomic(json_path, {'config': config_dict(args), 'results': summary, **extra,
-                                  'wall_seconds': round(time.time() - t_start, 3), 'peak_memory': memory})
+    write_summary_json(json_path, args, summary, t_start, **extra, peak_memory=memory)
     return summary
+
+
+def write_summary_json(json_path, args, summary, t_start, **fields):
+    """The res_*.json layout: config, per-model results, the given fields, wall time since t_start."""
+    write_json_atomic(json_path, {'config': config_dict(args), 'results': summary, **fields,
+                                  'wall_seconds': round(time.time() - t_start, 3)})
 
 
 def write_progress_summary(args, accs_all_exps, experiments_done, json_path, t_start):
@@ -121,9 +126,7 @@ def write_progress_summary(args, accs_all_exps, experiments_done, json_path, t_s
     its end (a session's end, a kill) still shows in report.py, as 'k×K of E×K'. The run's end overwrites it."""
     if parallel.rank() != 0:
         return
-    write_json_atomic(json_path, {'config': config_dict(args), 'results': summarize(accs_all_exps),
-                                  'experiments_done': experiments_done,
-                                  'wall_seconds': round(time.time() - t_start, 3)})
+    write_summary_json(json_path, args, summarize(accs_all_exps), t_start, experiments_done=experiments_done)
 
 
 def peak_memory_mb(device='cpu'):

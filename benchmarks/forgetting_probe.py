@@ -27,11 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import coreset  # noqa: E402
 import experiment  # noqa: E402
 import main  # noqa: E402
-import rng  # noqa: E402
 import training  # noqa: E402
 from base import load_torch_file, save_torch_file_atomic  # noqa: E402
 from data import load_dataset  # noqa: E402
-from networks import get_network  # noqa: E402
 
 
 def correctness_history(data, args, epochs):
@@ -40,9 +38,7 @@ def correctness_history(data, args, epochs):
     path = os.path.join(args.save_path, f'forgetting_history_{data.name}_{args.model}_{epochs}ep_seed{args.seed}.pt')
     if os.path.isfile(path):
         return load_torch_file(path, 'cached correctness history').to(data.labels_train.device)
-    with rng.seeded(args.device, args.seed, 'forgetting'):
-        net = get_network(args.model, data.channel, data.num_classes, data.im_size, device=args.device)
-        history = coreset.train_full_set(net, data, epochs, args.lr_net, desc='forgetting', quiet=False)
+    history = coreset.forgetting_history(data, args, args.seed, epochs, quiet=False)
     save_torch_file_atomic(history.cpu(), path)
     return history
 
@@ -50,13 +46,6 @@ def correctness_history(data, args, epochs):
 def never_first(counts, never_learned):
     """Toneva et al.'s order: never-learned images as if forgotten infinitely often."""
     return torch.where(never_learned, counts.new_full((), counts.numel() + 1), counts)
-
-
-def picks(data, scores, ipc, seed):
-    """coreset.select_coreset's forgetting picks for the given per-image scores (its tie-break streams)."""
-    return torch.cat([idx[coreset.forgetting_selection(scores[idx], ipc, rng.generator(idx.device, seed, 'forgetting',
-                                                                                         c))]
-                      for c, idx in enumerate(data.indices_class)])
 
 
 def main_probe():
@@ -79,20 +68,22 @@ def main_probe():
     args.default_epoch_eval = 300
     data = load_dataset(args.dataset, args.data_path).to(args.device)
     history = correctness_history(data, args, a.epochs)
-    cached = os.path.join(a.save_path, f'forgetting_{data.name}_{args.model}_{a.short}ep_seed{args.seed}.pt')
-    short_counts = coreset.forgetting_counts(history[:a.short])
-    if os.path.isfile(cached):
-        same = torch.equal(short_counts.cpu(), load_torch_file(cached, 'cached forgetting statistics').cpu())
-        print(f'first {a.short} of {a.epochs} epochs give the cached {a.short}-epoch statistics: {same}', flush=True)
+    args.forget_epochs = a.short
+    cached = coreset.forgetting_path(args, data.name, args.seed)  # main.py's K-epoch statistics
     variants = []
     for epochs in (a.short, a.epochs):
         counts = coreset.forgetting_counts(history[:epochs])
+        if epochs == a.short and os.path.isfile(cached):
+            same = torch.equal(counts.cpu(), load_torch_file(cached, 'cached forgetting statistics').cpu())
+            print(f'first {a.short} of {a.epochs} epochs give the cached {a.short}-epoch statistics: {same}',
+                  flush=True)
         never = ~history[:epochs].any(0)
         print(f'{epochs} epochs: forgetting events {torch.bincount(counts).tolist()}; never learned '
               f'{int(never.sum())} ({[int(never[idx].sum()) for idx in data.indices_class]} per class)', flush=True)
         variants += [(f'{epochs} ep, most forgotten (ours)', counts, never),
                      (f'{epochs} ep, never learned first (Toneva)', never_first(counts, never), never)]
-    chosen = [(name, picks(data, scores, a.ipc, args.seed), never) for name, scores, never in variants]
+    chosen = [(name, coreset.forgetting_picks(data, scores, a.ipc, args.seed), never)
+              for name, scores, never in variants]
     for name, indices, never in chosen:
         print(f'{name}: never-learned picks {int(never[indices].sum())} of {indices.numel()}, shared with the first '
               f'variant {int(torch.isin(indices, chosen[0][1]).sum())}', flush=True)
