@@ -3,7 +3,7 @@
     python report.py result/ [more folders]              # every table with results, in markdown
     python report.py result/ --latex --table table1      # one table, as LaTeX
     python report.py result/ --pool                      # pool several runs of one cell (default: the newest)
-    python report.py result/ --commands table1 --dataset CIFAR10   # command lines of the cells without a result
+    python report.py result/ --commands table1 --dataset CIFAR10   # command lines of the cells without a finished result
     python report.py result/ --plots plots/              # accuracy/loss vs iteration, accuracy vs ipc (PNG)
     python report.py result/ --table table4              # the DSA paper's Tables 2-5: table2 ... table5
     python report.py --fig5 dsa/res_X.json dc/res_Y.json --out figs/     # gradient norms (--grad_stats runs)
@@ -62,7 +62,7 @@ def print_commands(args):
         raise ReportError(f"unknown dataset '{args.dataset}'; valid datasets: {', '.join(DATASETS)}")
     records = load_records(args.folders, missing_ok=True)
     commands = commands_any(args.commands, args.dataset, records, args.folders[0])
-    print(f'# {args.commands} on {args.dataset}: {len(commands)} cell(s) without a result in '
+    print(f'# {args.commands} on {args.dataset}: {len(commands)} cell(s) without a finished result in '
           f'{", ".join(args.folders)}')
     for command in commands:
         print(command)

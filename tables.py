@@ -600,17 +600,54 @@ def table1_command(method, dataset, ipc):
 
 
 def table1_commands(dataset, records):
-    """Cells of the paper's Table 1 (those with a paper value) for this dataset that have no result yet."""
-    done = set(group_by(records, table1_key))
+    """Cells of the paper's Table 1 (those with a paper value) for this dataset that have no result yet, and the
+    --resume lines of those whose newest run was stopped before its last experiment."""
+    groups = group_by(records, table1_key)
     commands = []
     for ipc in TABLE1_IPCS:
         for method in TABLE1_METHODS:
             if method == 'whole' and ipc != TABLE1_IPCS[0]:
                 continue
             key = (dataset, None if method == 'whole' else ipc, method)
-            if paper_value(method, dataset, ipc) is not None and key not in done:
+            if paper_value(method, dataset, ipc) is None:
+                continue
+            if key not in groups:
                 commands.append(table1_command(method, dataset, ipc))
+            elif is_stopped(newest_first(groups[key])[0]):
+                commands.append(resume_command(newest_first(groups[key])[0]))
     return commands
+
+
+def is_stopped(record):
+    """A progress summary (results.write_progress_summary): the run ended before its last experiment."""
+    done, num_exp = record.config.get('experiments_done'), record.config.get('num_exp')
+    return is_number(done) and is_number(num_exp) and done < num_exp
+
+
+# The flags --resume checks against the checkpoint (experiment.RESUME_KEYS; the report layer reads JSON only, so
+# they are listed here, and a test runs the line this builds), then those that shape the evaluation.
+RESUME_FLAGS = ('dataset', 'model', 'method', 'ipc', 'Iteration', 'seed', 'init', 'lr_img', 'batch_real',
+                'dsa_strategy', 'dis_metric', 'num_exp', 'feat_epochs', 'forget_epochs', 'dsa_condense',
+                'noise_rate', 'noise_type', 'clean_select', 'clean_filter', 'clean_keep', 'buffer_size',
+                'buffer_rows', 'score_epochs', 'score_model', 'num_eval', 'epoch_eval_train', 'lr_net',
+                'batch_train', 'eval_mode', 'eval_every', 'data_path', 'im_size', 'channels')
+
+
+def resume_command(record):
+    """The command line that continues a stopped run from its checkpoints, rebuilt from the run's own config (the
+    whole-dataset bound has no checkpoints: its line reruns the run)."""
+    config = record.config
+    script = 'main_DM.py' if config['method'] == 'DM' else 'main.py'
+    words = ['python', script]
+    for key in RESUME_FLAGS:
+        value = config.get(key)
+        if value is None or value is False:  # None: the flag was not given (main.py's dsa_strategy too)
+            continue
+        words += [f'--{key}'] if value is True else [f'--{key}', str(value)]
+    words += ['--save_path', os.path.dirname(record.path) or '.']
+    if config['method'] != 'whole':
+        words.append('--resume')
+    return shlex.join(words)
 
 
 def cross_arch_commands(dataset, records):
@@ -663,6 +700,6 @@ def missing_commands(name, dataset, records):
 
 def with_save_path(command, folder):
     """Results must land where report.py will look for them; 'result' is every script's default."""
-    if os.path.normpath(folder) == 'result':
+    if os.path.normpath(folder) == 'result' or ' --save_path ' in command:
         return command
     return f'{command} --save_path {shlex.quote(folder)}'

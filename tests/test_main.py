@@ -1,6 +1,7 @@
 """main.py and main_DM.py end to end on tiny datasets in the real on-disk formats."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -201,9 +202,22 @@ def test_a_stopped_run_leaves_a_progress_summary_that_report_labels(mnist_dir, t
     report.main([str(tmp_path), '--table', 'runs'])
     assert '1×2 of 2×2' in capsys.readouterr().out
 
-    run_main(main, mnist_dir, tmp_path, *flags, '--resume')
+    # report.py --commands lists the stopped cell with the line that continues it, rebuilt from the run's config;
+    # that line runs (the checkpoint accepts its flags) and keeps the finished experiment's networks
+    import tables
+    assert set(experiment.RESUME_KEYS) <= set(tables.RESUME_FLAGS)  # every flag the checkpoint checks is rebuilt
+    report.main([str(tmp_path), '--commands', 'table1', '--dataset', 'MNIST'])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if '--method random' in ln and '--ipc 1 ' in ln]
+    assert len(lines) == 1 and lines[0].endswith(' --resume')
+    words = shlex.split(lines[0])
+    assert words[:2] == ['python', 'main.py'] and words[words.index('--save_path') + 1] == str(tmp_path)
+    main.main(words[2:] + ['--quiet', '--device', 'cpu'])
     final = json.loads((tmp_path / f'res_{stem}.json').read_text())
     assert 'experiments_done' not in final and final['results']['ConvNet']['n'] == 4
+    resumed = [float(a) for a in base.load_torch_file(tmp_path / f'res_{stem}.pt', 'r')['accs_all_exps']['ConvNet']]
+    assert resumed[:2] == accs
+    report.main([str(tmp_path), '--commands', 'table1', '--dataset', 'MNIST'])
+    assert not [ln for ln in capsys.readouterr().out.splitlines() if '--method random' in ln and '--ipc 1 ' in ln]
     report.main([str(tmp_path), '--table', 'runs'])
     out = capsys.readouterr().out
     assert '2×2' in out and '×2 of ' not in out
