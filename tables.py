@@ -9,6 +9,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
+import experiment  # RESUME_KEYS: the flags a stopped run's --resume line must repeat
 from utils import EVAL_POOLS  # the cross-architecture and ablation pools (SPEC §3)
 
 # ---------------------------------------------------------------------------------------------
@@ -613,8 +614,10 @@ def table1_commands(dataset, records):
                 continue
             if key not in groups:
                 commands.append(table1_command(method, dataset, ipc))
-            elif is_stopped(newest_first(groups[key])[0]):
-                commands.append(resume_command(newest_first(groups[key])[0]))
+                continue
+            newest = newest_first(groups[key])[0]
+            if is_stopped(newest):
+                commands.append(resume_command(newest))
     return commands
 
 
@@ -624,13 +627,9 @@ def is_stopped(record):
     return is_number(done) and is_number(num_exp) and done < num_exp
 
 
-# The flags --resume checks against the checkpoint (experiment.RESUME_KEYS; the report layer reads JSON only, so
-# they are listed here, and a test runs the line this builds), then those that shape the evaluation.
-RESUME_FLAGS = ('dataset', 'model', 'method', 'ipc', 'Iteration', 'seed', 'init', 'lr_img', 'batch_real',
-                'dsa_strategy', 'dis_metric', 'num_exp', 'feat_epochs', 'forget_epochs', 'dsa_condense',
-                'noise_rate', 'noise_type', 'clean_select', 'clean_filter', 'clean_keep', 'buffer_size',
-                'buffer_rows', 'score_epochs', 'score_model', 'num_eval', 'epoch_eval_train', 'lr_net',
-                'batch_train', 'eval_mode', 'eval_every', 'data_path', 'im_size', 'channels')
+# The flags --resume checks against the checkpoint, then those that shape the evaluation.
+RESUME_FLAGS = experiment.RESUME_KEYS + ('num_eval', 'epoch_eval_train', 'lr_net', 'batch_train', 'eval_mode',
+                                         'eval_every', 'data_path', 'im_size', 'channels')
 
 
 def resume_command(record):
