@@ -11,7 +11,7 @@ import parallel
 import rng
 from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed, short_error
 from data import check_ipc_fits
-from experiment import evaluate_pool
+from experiment import chosen_experiments, evaluate_pool, part_stem
 from networks import get_network
 from results import report_results, result_stem, save_results, write_progress_summary
 from training import BASELINE_METHODS, backward_mean_loss, embed_chunked
@@ -233,12 +233,13 @@ def run_whole(args, data):
     evaluation are spread over the processes. Returns the summary dict."""
     args.team = parallel.Team(shared=True)
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
-    res_path = os.path.join(args.save_path, f'res_{stem}.pt')
-    json_path = os.path.join(args.save_path, f'res_{stem}.json')
+    res_path = os.path.join(args.save_path, f'res_{part_stem(args, stem)}.pt')
+    json_path = os.path.join(args.save_path, f'res_{part_stem(args, stem)}.json')
     eval_pool = get_eval_pool(args.eval_mode, args.model)
     accs_all_exps, history = {m: [] for m in eval_pool}, []
+    chosen, done = chosen_experiments(args), []
     t_start = time.time()
-    for exp in range(args.num_exp):
+    for exp in chosen:
         set_seed(args.seed + exp)
         log(args, f'================== Exp {exp} ==================')
         accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole',
@@ -248,7 +249,9 @@ def run_whole(args, data):
             history.append({'exp': exp, 'iteration': 0, 'model': m, 'accs': a})
         if parallel.rank() == 0:
             save_results(res_path, [], accs_all_exps, args, {'seconds': time.time() - t_start})
-        if exp + 1 < args.num_exp:
-            write_progress_summary(args, accs_all_exps, exp + 1, json_path, t_start)
-    return report_results(args, accs_all_exps, args.num_exp, json_path, t_start, history=history, res_file=res_path,
+        done.append(exp)
+        if len(done) < len(chosen):
+            write_progress_summary(args, accs_all_exps, done, json_path, t_start)
+    return report_results(args, accs_all_exps, len(chosen), json_path, t_start, history=history, res_file=res_path,
+                          experiments_run=chosen,
                           **labelnoise.report_fields(args, []))

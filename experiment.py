@@ -82,7 +82,48 @@ def distribution_mode(args):
     world = parallel.world_size()
     if world == 1:
         return 'single'
-    return 'classes' if getattr(args, 'dist_classes', False) or args.num_exp < world else 'experiments'
+    return 'classes' if getattr(args, 'dist_classes', False) or len(chosen_experiments(args)) < world else 'experiments'
+
+
+def parse_experiments(spec, num_exp):
+    """--experiments: '3', '1-4' or '0,2-3' -> the sorted experiment indices, each within 0..num_exp-1; None -> all."""
+    if spec is None:
+        return list(range(num_exp))
+    chosen = set()
+    for part in str(spec).split(','):
+        bounds = part.strip().split('-')
+        if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+            raise UserError(f"--experiments takes indices and ranges such as 3, 1-4 or 0,2-3; got '{spec}'")
+        first, last = int(bounds[0]), int(bounds[-1])
+        if first > last or last >= num_exp:
+            raise UserError(f"--experiments '{spec}': every experiment must lie in 0..{num_exp - 1} (--num_exp "
+                            f"{num_exp}), ranges written low-high")
+        chosen.update(range(first, last + 1))
+    return sorted(chosen)
+
+
+def chosen_experiments(args):
+    """The experiments this run does: all of range(num_exp), or the part --experiments names."""
+    return parse_experiments(getattr(args, 'experiments', None), args.num_exp)
+
+
+def format_experiments(indices):
+    """[0, 1, 2, 4] -> '0-2,4': the part's name in its result files."""
+    runs = []
+    for k in indices:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ','.join(str(a) if a == b else f'{a}-{b}' for a, b in runs)
+
+
+def part_stem(args, stem):
+    """The stem of a run's res_*.pt / res_*.json: a part (--experiments) gets its own files, '..._exp1-4', so that
+    the parts of one run can share a folder without overwriting each other; checkpoints keep the plain stem."""
+    if getattr(args, 'experiments', None) is None:
+        return stem
+    return f'{stem}_exp{format_experiments(chosen_experiments(args))}'
 
 
 def run_experiments(args, data, init_fn, step_fn=None):
@@ -91,13 +132,14 @@ def run_experiments(args, data, init_fn, step_fn=None):
     args.checkpoint_every iterations, and writes res_*.pt, the vis pngs and the JSON summary atomically (rank 0 only
     under torchrun, in experiment order). Returns the summary dict."""
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
-    json_path = os.path.join(args.save_path, f'res_{stem}.json')
+    json_path = os.path.join(args.save_path, f'res_{part_stem(args, stem)}.json')
     os.makedirs(args.save_path, exist_ok=True)
     mode = distribution_mode(args)
+    chosen = chosen_experiments(args)
     args.team = parallel.Team(shared=(mode != 'experiments'))
     whole_world = args.team.size == parallel.world_size()  # then every process knows every finished experiment
     main_process = parallel.rank() == 0
-    mine = range(args.num_exp) if mode != 'experiments' else range(parallel.rank(), args.num_exp, parallel.world_size())
+    mine = chosen if mode != 'experiments' else chosen[parallel.rank()::parallel.world_size()]
     if mode != 'single':
         log(args, f'{parallel.world_size()} processes split the {mode}')
     t_start = time.time()
@@ -109,8 +151,8 @@ def run_experiments(args, data, init_fn, step_fn=None):
             accs_so_far = merged_accuracies(results, args)
             save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)], accs_so_far, args,
                          {'seconds': time.time() - t_start})
-            if len(results) < args.num_exp:
-                write_progress_summary(args, accs_so_far, len(results), json_path, t_start)
+            if len(results) < len(chosen):
+                write_progress_summary(args, accs_so_far, sorted(results), json_path, t_start)
     for part in parallel.gather_to_all(results if not whole_world else {}):
         results.update(part)
     if main_process and not whole_world:  # what each process kept for rank 0: the sets, their grids and exports
@@ -120,12 +162,13 @@ def run_experiments(args, data, init_fn, step_fn=None):
         save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)],
                      merged_accuracies(results, args), args, {'seconds': time.time() - t_start})
     if main_process:
-        for exp in range(args.num_exp):
+        for exp in chosen:
             path = checkpoint_path(args, stem, exp)
             if os.path.exists(path):
                 os.remove(path)
     ordered = [results[e] for e in sorted(results)]
-    return report_results(args, merged_accuracies(results, args), args.num_exp, json_path, t_start,
+    return report_results(args, merged_accuracies(results, args), len(chosen), json_path, t_start,
+                          experiments_run=sorted(results),
                           history=[h for r in ordered for h in r['history']],
                           loss_history=[h for r in ordered for h in r['loss_history']],
                           res_file=res_path(args, stem), processes=parallel.world_size(), split=mode,
@@ -133,7 +176,7 @@ def run_experiments(args, data, init_fn, step_fn=None):
 
 
 def res_path(args, stem):
-    return os.path.join(args.save_path, f'res_{stem}.pt')
+    return os.path.join(args.save_path, f'res_{part_stem(args, stem)}.pt')
 
 
 def checkpoint_path(args, stem, exp):
@@ -300,6 +343,9 @@ def add_common_args(parser, **defaults):
     a('--ipc', type=int, default=d['ipc'], help='images per class')
     a('--eval_mode', type=str, default=d['eval_mode'], help='S SS M B W D A P N (see SPEC)')
     a('--num_exp', type=int, default=d['num_exp'], help='number of experiments')
+    a('--experiments', type=str, default=None, metavar='LIST',
+      help="run only these of the num_exp experiments, e.g. 1-4 or 0,2: each is exactly that experiment of the whole "
+           "run, so parts run on other machines or days add up (files res_*_exp1-4.*; report.py joins the parts)")
     a('--num_eval', type=int, default=d['num_eval'], help='networks trained per evaluation')
     a('--epoch_eval_train', type=int, default=d['epoch_eval_train'],
       help='epochs of evaluation training (default: 1000 with augmentation, else 300)')
@@ -363,6 +409,7 @@ def check_common_args(args):
     for flag in ('ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+    chosen_experiments(args)  # a malformed or out-of-range --experiments fails here, in one line
     if args.Iteration < 0:
         raise UserError(f'--Iteration must be >= 0, got {args.Iteration}')
     if args.epoch_eval_train is not None and args.epoch_eval_train < 0:

@@ -121,12 +121,14 @@ def write_summary_json(json_path, args, summary, t_start, **fields):
                                   'wall_seconds': round(time.time() - t_start, 3)})
 
 
-def write_progress_summary(args, accs_all_exps, experiments_done, json_path, t_start):
-    """The JSON summary of a run still going: written after each finished experiment, so that a run stopped before
-    its end (a session's end, a kill) still shows in report.py, as 'k×K of E×K'. The run's end overwrites it."""
+def write_progress_summary(args, accs_all_exps, experiments, json_path, t_start):
+    """The JSON summary of a run still going: written after each finished experiment (`experiments`: the indices
+    finished so far), so that a run stopped before its end (a session's end, a kill) still shows in report.py, as
+    'k×K of E×K'. The run's end overwrites it."""
     if parallel.rank() != 0:
         return
-    write_summary_json(json_path, args, summarize(accs_all_exps), t_start, experiments_done=experiments_done)
+    write_summary_json(json_path, args, summarize(accs_all_exps), t_start, experiments_done=len(experiments),
+                       experiments_run=sorted(experiments))
 
 
 def peak_memory_mb(device='cpu'):

@@ -9,7 +9,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-import experiment  # RESUME_KEYS: the flags a stopped run's --resume line must repeat
+import runparts  # the parts of one run (--experiments, stopped runs) and the line that completes a run
 from utils import EVAL_POOLS  # the cross-architecture and ablation pools (SPEC §3)
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +235,8 @@ def read_record(path, folder):
         config = check_config(obj, ('method', 'dataset', 'model', 'ipc'))
         if is_number(obj.get('experiments_done')):  # a run's progress summary (results.write_progress_summary)
             config['experiments_done'] = int(obj['experiments_done'])
+        if isinstance(obj.get('experiments_run'), list):  # the experiments it holds (runparts.experiments_held)
+            config['experiments_run'] = obj['experiments_run']
         kind = 'eval' if 'file' in obj else 'run'
         return Record(kind=kind, config=config, results=read_results(obj),
                       history=read_list_of_dicts(obj, 'history', ('iteration', 'model', 'accs')),
@@ -267,13 +269,14 @@ class Cell:
 
 
 def count_label(summary, config):
-    """'E×K' when the accuracies are num_exp experiments of num_eval networks ('k×K of E×K' for a run stopped after
-    k of them), else 'n=N'."""
-    num_exp, num_eval, done = config.get('num_exp'), config.get('num_eval'), config.get('experiments_done')
+    """'E×K' when the accuracies are num_exp experiments of num_eval networks ('k×K of E×K' for a run that holds k
+    of them: stopped, or a part run with --experiments), else 'n=N'."""
+    num_exp, num_eval = config.get('num_exp'), config.get('num_eval')
+    held = len(runparts.experiments_held(config))
     if is_number(num_exp) and is_number(num_eval) and num_exp * num_eval == summary['n']:
         return f'{num_exp}×{num_eval}'
-    if is_number(done) and is_number(num_eval) and done * num_eval == summary['n']:
-        return f'{done}×{num_eval} of {num_exp}×{num_eval}'
+    if held and is_number(num_eval) and held * num_eval == summary['n']:
+        return f'{held}×{num_eval} of {num_exp}×{num_eval}'
     return f"n={summary['n']}"
 
 
@@ -287,24 +290,23 @@ def combine(summaries):
 
 
 def make_cell(pairs):
-    """Cell of [(summary, config), ...] (one pair: a single run)."""
+    """Cell of [(summary, config), ...] (one pair: a single run; several parts of one run are labelled as that run)."""
     if not pairs:
         return None
     if len(pairs) == 1:
         summary, config = pairs[0]
         return Cell(summary['mean'], summary['std'], summary['n'], 1, count_label(summary, config))
     mean, std, n = combine([s for s, _ in pairs])
+    configs = [c for _, c in pairs]
+    if runparts.is_one_run(configs):
+        return Cell(mean, std, n, len(pairs), count_label({'n': n}, runparts.joined_config(configs)))
     return Cell(mean, std, n, len(pairs), f'n={n}, {len(pairs)} runs')
 
 
-def newest_first(records):
-    """Newest by file modification time (the path breaks ties, so the choice is stable)."""
-    return sorted(records, key=lambda r: (r.mtime, r.path), reverse=True)
-
-
 def choose_records(records, pool):
-    """The records behind one table cell or row: all of them (--pool) or the newest only."""
-    return list(records) if pool else newest_first(records)[:1]
+    """The records behind one table cell or row: all of them (--pool), or the newest with the other parts of its run
+    (runparts.newest_run: files of the same run that hold other experiments)."""
+    return list(records) if pool else runparts.newest_run(records)
 
 
 def group_by(records, key_fn):
@@ -374,7 +376,8 @@ def choice_note(groups, pool, what):
     if pool:
         return f'{several} {what}(s) had several runs: pooled, mean ± std over all their accuracies.'
     if several:
-        return f'{several} {what}(s) had several runs: the newest file of each is shown (--pool pools them).'
+        return (f'{several} {what}(s) had several result files: the newest of each is shown, joined with the parts '
+                f'of its run that hold other experiments (--pool pools them all).')
     return f'One run per {what} (with several, the newest file would be shown; --pool pools them).'
 
 
@@ -602,7 +605,7 @@ def table1_command(method, dataset, ipc):
 
 def table1_commands(dataset, records):
     """Cells of the paper's Table 1 (those with a paper value) for this dataset that have no result yet, and the
-    --resume lines of those whose newest run was stopped before its last experiment."""
+    lines that complete those whose newest run lacks experiments (stopped, or parts; runparts.continue_command)."""
     groups = group_by(records, table1_key)
     commands = []
     for ipc in TABLE1_IPCS:
@@ -615,38 +618,10 @@ def table1_commands(dataset, records):
             if key not in groups:
                 commands.append(table1_command(method, dataset, ipc))
                 continue
-            newest = newest_first(groups[key])[0]
-            if is_stopped(newest):
-                commands.append(resume_command(newest))
+            line = runparts.continue_command(runparts.newest_run(groups[key]))
+            if line:
+                commands.append(line)
     return commands
-
-
-def is_stopped(record):
-    """A progress summary (results.write_progress_summary): the run ended before its last experiment."""
-    done, num_exp = record.config.get('experiments_done'), record.config.get('num_exp')
-    return is_number(done) and is_number(num_exp) and done < num_exp
-
-
-# The flags --resume checks against the checkpoint, then those that shape the evaluation.
-RESUME_FLAGS = experiment.RESUME_KEYS + ('num_eval', 'epoch_eval_train', 'lr_net', 'batch_train', 'eval_mode',
-                                         'eval_every', 'data_path', 'im_size', 'channels')
-
-
-def resume_command(record):
-    """The command line that continues a stopped run from its checkpoints, rebuilt from the run's own config (the
-    whole-dataset bound has no checkpoints: its line reruns the run)."""
-    config = record.config
-    script = 'main_DM.py' if config['method'] == 'DM' else 'main.py'
-    words = ['python', script]
-    for key in RESUME_FLAGS:
-        value = config.get(key)
-        if value is None or value is False:  # None: the flag was not given (main.py's dsa_strategy too)
-            continue
-        words += [f'--{key}'] if value is True else [f'--{key}', str(value)]
-    words += ['--save_path', os.path.dirname(record.path) or '.']
-    if config['method'] != 'whole':
-        words.append('--resume')
-    return shlex.join(words)
 
 
 def cross_arch_commands(dataset, records):

@@ -204,8 +204,8 @@ def test_a_stopped_run_leaves_a_progress_summary_that_report_labels(mnist_dir, t
 
     # report.py --commands lists the stopped cell with the line that continues it, rebuilt from the run's config;
     # that line runs (the checkpoint accepts its flags) and keeps the finished experiment's networks
-    import tables
-    assert set(experiment.RESUME_KEYS) <= set(tables.RESUME_FLAGS)  # every flag the checkpoint checks is rebuilt
+    import runparts
+    assert set(experiment.RESUME_KEYS) <= set(runparts.COMMAND_FLAGS)  # every flag the checkpoint checks is rebuilt
     report.main([str(tmp_path), '--commands', 'table1', '--dataset', 'MNIST'])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if '--method random' in ln and '--ipc 1 ' in ln]
     assert len(lines) == 1 and lines[0].endswith(' --resume')
@@ -221,6 +221,65 @@ def test_a_stopped_run_leaves_a_progress_summary_that_report_labels(mnist_dir, t
     report.main([str(tmp_path), '--table', 'runs'])
     out = capsys.readouterr().out
     assert '2×2' in out and '×2 of ' not in out
+
+
+@pytest.mark.parametrize('spec,indices,name', [('3', [3], '3'), ('1-3', [1, 2, 3], '1-3'), ('4,0-1', [0, 1, 4], '0-1,4'),
+                                                ('2,2,1', [1, 2], '1-2'), (None, [0, 1, 2, 3, 4], '0-4')])
+def test_experiments_spec(spec, indices, name):
+    assert experiment.parse_experiments(spec, 5) == indices
+    assert experiment.format_experiments(indices) == name
+
+
+@pytest.mark.parametrize('spec', ['5', '3-1', '-1', '1,,2', 'a', '1-2-3', ''])
+def test_experiments_spec_refused(spec):
+    with pytest.raises(base.UserError, match='--experiments'):
+        experiment.parse_experiments(spec, 5)
+
+
+def test_parts_of_a_run_add_up_to_the_run(mnist_dir, tmp_path, capsys):
+    # --experiments runs exactly those experiments of the whole run (same sets, same accuracies), the parts share a
+    # folder without overwriting each other, report.py joins them into the run's cell, and the line --commands prints
+    # for the missing experiment runs it and completes the cell
+    import report
+    flags = ['--ipc', '1', '--Iteration', '2', '--num_exp', '3', '--num_eval', '2', '--no_vis', '--init', 'noise',
+             '--eval_every', '2']
+    stem = 'DM_MNIST_ConvNet_1ipc'
+    load = lambda path: base.load_torch_file(path, 'result')
+    run_main(main_DM, mnist_dir, tmp_path / 'whole', *flags)
+    run_main(main_DM, mnist_dir, tmp_path / 'parts', *flags, '--experiments', '2,0')
+    whole = load(tmp_path / 'whole' / f'res_{stem}.pt')
+    part = load(tmp_path / 'parts' / f'res_{stem}_exp0,2.pt')
+    assert len(whole['data']) == 3 and len(part['data']) == 2
+    for k, exp in enumerate((0, 2)):
+        assert torch.equal(part['data'][k][0], whole['data'][exp][0])
+    w_accs = [float(a) for a in whole['accs_all_exps']['ConvNet']]
+    assert [float(a) for a in part['accs_all_exps']['ConvNet']] == w_accs[0:2] + w_accs[4:6]
+    assert json.loads((tmp_path / 'parts' / f'res_{stem}_exp0,2.json').read_text())['experiments_run'] == [0, 2]
+
+    def dm_cell(folder):
+        report.main([str(folder), '--table', 'table1'])
+        row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith('| MNIST | 1 |')]
+        return row[0].split(' | ')[8]  # the DM column
+
+    def dm_lines(folder):
+        report.main([str(folder), '--commands', 'table1', '--dataset', 'MNIST'])
+        return [ln for ln in capsys.readouterr().out.splitlines()
+                if ln.startswith('python main_DM.py') and ' --ipc 1 ' in ln]
+
+    capsys.readouterr()
+    assert '(2×2 of 3×2)' in dm_cell(tmp_path / 'parts')
+    lines = dm_lines(tmp_path / 'parts')
+    assert len(lines) == 1
+    words = shlex.split(lines[0])
+    assert words[words.index('--experiments') + 1] == '1' and words[-1] == '--resume'
+    main_DM.main(words[2:] + ['--quiet', '--device', 'cpu'])
+    assert torch.equal(load(tmp_path / 'parts' / f'res_{stem}_exp1.pt')['data'][0][0], whole['data'][1][0])
+    joined = dm_cell(tmp_path / 'parts')
+    mean = sum(w_accs) / 6 * 100
+    std = (sum((100 * a - mean) ** 2 for a in w_accs) / 6) ** 0.5
+    assert joined.startswith(f'{mean:.1f} ± {std:.1f} (3×2)')
+    assert joined == dm_cell(tmp_path / 'whole')
+    assert dm_lines(tmp_path / 'parts') == [] and dm_lines(tmp_path / 'whole') == []
 
 
 def test_load_syn_round_trip(mnist_dir, tmp_path):
@@ -250,6 +309,8 @@ def run_cli(*args, cwd=ROOT):
     ('main.py', ['--ipc', '0'], '--ipc must be at least 1'),
     ('main.py', ['--ipc', '7'], 'no loop settings for ipc 7'),
     ('main.py', ['--Iteration', '-1'], '--Iteration must be >= 0'),
+    ('main.py', ['--experiments', '5'], 'every experiment must lie in 0..4'),
+    ('main_DM.py', ['--experiments', '1-x'], '--experiments takes indices and ranges'),
     ('main.py', ['--load_syn', 'nope.pt'], "'nope.pt' does not exist"),
     ('main_DM.py', ['--model', 'ResNet99'], "unknown model 'ResNet99'"),
     ('main.py', ['--model', 'ConvNet_D3_W32_relu_foonorm_avgpooling'], 'norm one of'),

@@ -192,7 +192,7 @@ def test_newest_run_per_cell_and_off_paper_marks(hand_set, capsys):
     assert row10[TABLE1_COLUMN['DSA']] == '52.0 ± 0.0 (1×2) [52.1 ± 0.5]'
     assert row1[TABLE1_COLUMN['whole']] == row10[TABLE1_COLUMN['whole']] == '85.0 ± 0.0 (1×1) [84.8 ± 0.1]'
     assert row1[TABLE1_COLUMN['herding']] == '– [21.5 ± 1.2]'
-    assert '(newest run per cell)' in out and '1 cell(s) had several runs: the newest' in out
+    assert '(newest run per cell)' in out and '1 cell(s) had several result files: the newest of each' in out
     assert '1 point is assumed' in out
 
 
@@ -202,6 +202,45 @@ def test_pooled_runs(hand_set, capsys):
     # accuracies 49, 51, 45, 47: mean 48.0, population std sqrt(5) = 2.24, 0.9 from the paper (limit 1.2): no mark
     assert table_row(out, 'CIFAR10', '10')[TABLE1_COLUMN['DM']] == '48.0 ± 2.2 (n=4, 2 runs) [48.9 ± 0.6]'
     assert '(pooled runs)' in out
+
+
+def test_parts_of_one_run_are_joined_and_the_missing_part_gets_its_line(tmp_path, capsys):
+    # DM CIFAR10 ipc 1, a 3 x 2 run in parts: experiment 0 from a stopped run (a progress summary of an older
+    # version, without 'experiments_run'), experiment 2 from an --experiments part, both in one folder; a newer run
+    # with other flags is a different run and must not be joined with them
+    root = tmp_path / 'runs'
+    config = {'num_exp': 3, 'num_eval': 2, 'lr_img': 1.0, 'init': 'real'}
+    write_run(root, 'DM', 'CIFAR10', 1, {'ConvNet': [0.24, 0.26]}, age=30, experiments_done=1, **config)
+    part = dict(config, experiments='2')
+    write_run(root, 'DM', 'CIFAR10', 1, {'ConvNet': [0.27, 0.29]}, age=20, experiments_done=1,
+              experiments_run=[2], name='res_DM_CIFAR10_ConvNet_1ipc_exp2.json', **part)
+    cell = lambda out: table_row(out, 'CIFAR10', '1')[TABLE1_COLUMN['DM']]
+    code, out, err = report_in_process(capsys, root, '--table', 'table1')
+    # 24, 26, 27, 29: mean 26.5, population std sqrt(3.25) = 1.80
+    assert code == 0 and cell(out).startswith('26.5 ± 1.8 (2×2 of 3×2)')
+    # the line that completes the cell runs experiment 1 alone, beside the parts, with the run's own flags
+    code, out, err = report_in_process(capsys, root, '--commands', 'table1', '--dataset', 'CIFAR10')
+    lines = [ln for ln in out.splitlines() if ln.startswith('python main_DM.py') and ' --ipc 1 ' in ln]
+    assert len(lines) == 1 and ' --experiments 1 ' in lines[0] and lines[0].endswith(f'--save_path {root} --resume')
+    assert ' --Iteration 1000 ' in lines[0] and ' --num_exp 3 ' in lines[0] and ' --method ' not in lines[0]
+    # experiment 1 arrives from another machine, in another folder: the cell is the whole run
+    write_run(tmp_path / 'other', 'DM', 'CIFAR10', 1, {'ConvNet': [0.25, 0.25]}, age=10, experiments_run=[1],
+              name='res_DM_CIFAR10_ConvNet_1ipc_exp1.json', **dict(config, experiments='1'))
+    code, out, err = report_in_process(capsys, root, tmp_path / 'other', '--table', 'table1')
+    # 24, 26, 27, 29, 25, 25: mean 26.0, population std sqrt(16 / 6) = 1.63
+    assert cell(out).startswith('26.0 ± 1.6 (3×2)')
+    code, out, err = report_in_process(capsys, root, tmp_path / 'other', '--commands', 'table1', '--dataset', 'CIFAR10')
+    assert not [ln for ln in out.splitlines() if ln.startswith('python main_DM.py') and ' --ipc 1 ' in ln]
+    # a newer run of other flags (--num_exp 1) is the cell now, alone
+    write_run(tmp_path / 'new', 'DM', 'CIFAR10', 1, {'ConvNet': [0.40, 0.40]}, age=0, **dict(config, num_exp=1))
+    code, out, err = report_in_process(capsys, root, tmp_path / 'other', tmp_path / 'new', '--table', 'table1')
+    assert cell(out).startswith('40.0 ± 0.0 (1×2)')
+    # an experiment is counted once: a newer copy of experiment 2 takes the place of the older one
+    write_run(tmp_path / 'copy', 'DM', 'CIFAR10', 1, {'ConvNet': [0.50, 0.50]}, age=5, experiments_run=[2],
+              name='res_DM_CIFAR10_ConvNet_1ipc_exp2.json', **part)
+    code, out, err = report_in_process(capsys, root, tmp_path / 'copy', '--table', 'table1')
+    # 50, 50, 24, 26: mean 37.5, population std sqrt(627 / 4) = 12.52
+    assert cell(out).startswith('37.5 ± 12.5 (2×2 of 3×2)')
 
 
 def test_other_tables(hand_set, capsys):
