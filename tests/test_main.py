@@ -282,6 +282,17 @@ def test_parts_of_a_run_add_up_to_the_run(mnist_dir, tmp_path, capsys):
     assert dm_lines(tmp_path / 'parts') == [] and dm_lines(tmp_path / 'whole') == []
 
 
+def test_a_part_of_the_whole_dataset_bound_is_that_experiment(mnist_dir, tmp_path):
+    # the whole-dataset bound in parts too: experiment 1 alone trains the same networks as in the 2-experiment run
+    flags = ['--method', 'whole', '--num_exp', '2', '--num_eval', '2', '--epoch_eval_train', '1', '--model', 'MLP']
+    run_main(main, mnist_dir, tmp_path / 'all', *flags)
+    run_main(main, mnist_dir, tmp_path / 'part', *flags, '--experiments', '1')
+    stem = 'whole_MNIST_MLP_1ipc'
+    accs = lambda path: [float(a) for a in base.load_torch_file(path, 'result')['accs_all_exps']['MLP']]
+    assert accs(tmp_path / 'part' / f'res_{stem}_exp1.pt') == accs(tmp_path / 'all' / f'res_{stem}.pt')[2:]
+    assert json.loads((tmp_path / 'part' / f'res_{stem}_exp1.json').read_text())['experiments_run'] == [1]
+
+
 def test_load_syn_round_trip(mnist_dir, tmp_path):
     run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '1', '--no_vis', '--num_exp', '2')
     res_file = tmp_path / 'res_DC_MNIST_ConvNet_1ipc.pt'
