@@ -1,7 +1,7 @@
 """The papers' tables from the JSON summaries our runs write (report.py is its command line): the papers' numbers
-(SPEC §9), reading res_*.json / eval_*.json / cl_*.json, one cell per table cell (the newest run with its parts, or pooled), Table 1, the
-cross-architecture, ablation and continual-learning tables, markdown and LaTeX rendering, and the command lines of
-the cells without a result. It reads JSON only, no tensors."""
+(SPEC §9), reading res_*.json / eval_*.json / cl_*.json, one cell per table cell (the newest run with its parts, or
+pooled), Table 1, the cross-architecture, ablation and continual-learning tables, markdown and LaTeX rendering, and
+the command lines of the cells without a result. It reads JSON only, no tensors."""
 import json
 import math
 import os
