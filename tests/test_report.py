@@ -241,6 +241,13 @@ def test_parts_of_one_run_are_joined_and_the_missing_part_gets_its_line(tmp_path
     code, out, err = report_in_process(capsys, root, tmp_path / 'copy', '--table', 'table1')
     # 50, 50, 24, 26: mean 37.5, population std sqrt(627 / 4) = 12.52
     assert cell(out).startswith('37.5 ± 12.5 (2×2 of 3×2)')
+    # a cell without a paper number (DM on FashionMNIST) still gets the line that completes its run
+    write_run(tmp_path / 'fmnist', 'DM', 'FashionMNIST', 1, {'ConvNet': [0.7, 0.7]}, experiments_done=1,
+              experiments_run=[0], **config)
+    code, out, err = report_in_process(capsys, tmp_path / 'fmnist', '--commands', 'table1', '--dataset', 'FashionMNIST')
+    lines = [ln for ln in out.splitlines() if ln.startswith('python main_DM.py')]
+    assert len(lines) == 1 and ' --experiments 1-2 ' in lines[0]
+    assert not [ln for ln in out.splitlines() if 'main_DM.py' in ln and ' --ipc 10 ' in ln]  # no paper value, no run
 
 
 def test_other_tables(hand_set, capsys):
