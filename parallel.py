@@ -42,6 +42,12 @@ def setup(device_flag, timeout_s=DEFAULT_TIMEOUT_S):
     if backend == 'gloo' and 'OMP_NUM_THREADS' not in os.environ:
         local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    # torch.distributed.nn.functional takes group.WORLD as a default argument when it is first imported, and torch
+    # imports it lazily (the first optimizer pulls in torch._dynamo, which imports it). Imported after the group
+    # exists, those defaults keep the group and its gloo threads alive past destroy_process_group into interpreter
+    # shutdown, where a gloo thread that drops its last work needs the GIL and aborts the process ('terminate called
+    # without an active exception', exit -6) after a successful run. Imported before, the defaults hold None.
+    import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
