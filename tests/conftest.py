@@ -22,6 +22,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def workers_output(stderr):
+    """What the processes of a torchrun job printed themselves (a faulthandler stack included), without the launcher's
+    own report of the failure, which alone would fill a truncated assertion message."""
+    own = [line for line in stderr.splitlines() if 'torch/distributed/' not in line and 'elastic' not in line]
+    return '\n'.join(own)[-6000:]
+
+
 def make_class_images(num_classes, per_class, channel, size, seed=0, noise=0.08):
     """Learnable synthetic images: uint8 (num_classes * per_class, channel, H, W) and int64 labels.
 

@@ -15,7 +15,7 @@ import torch
 
 import base
 import main
-from conftest import write_mnist
+from conftest import workers_output, write_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--dataset', 'MNIST', '--num_eval', '2', '--epoch_eval_train', '2', '--batch_real', '8', '--device', 'cpu',
@@ -41,12 +41,6 @@ def run(script, *args, procs=1, timeout=600, check=True):
         assert proc.returncode == 0, workers_output(proc.stderr)
     return proc
 
-
-def workers_output(stderr):
-    # what the processes themselves printed (a Python stack from faulthandler included), without the launcher's
-    # own report of the failure, which alone would fill a truncated message
-    own = [line for line in stderr.splitlines() if 'torch/distributed/' not in line and 'elastic' not in line]
-    return '\n'.join(own)[-6000:]
 
 
 def result(path):

@@ -14,7 +14,7 @@ from torchvision.io import encode_jpeg, encode_png, write_file
 import data
 import folders
 from base import UserError
-from conftest import make_class_images
+from conftest import make_class_images, workers_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -267,7 +267,7 @@ def test_torchrun_processes_share_one_cache_and_match_one_process(folder, tmp_pa
     """Two processes start on a folder without a cache: the first builds it, the other waits and reads it; the
     experiments they split are the single-process run's, bit for bit."""
     root, _ = folder
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONPATH=ROOT, PYTHONFAULTHANDLER='1')
     flags = ['--dataset', 'ImageFolder', '--data_path', root, '--ipc', '1', '--Iteration', '2', '--im_size', '8', '8',
              *FAST[:-1], '2']
     runs = {}
@@ -277,7 +277,7 @@ def test_torchrun_processes_share_one_cache_and_match_one_process(folder, tmp_pa
         out = str(tmp_path / f'p{procs}')
         proc = subprocess.run(launcher + ['main_DM.py', *flags, '--save_path', out], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, workers_output(proc.stderr)
         runs[procs] = torch.load(os.path.join(out, 'res_DM_ImageFolder_ConvNet_1ipc.pt'), weights_only=True)
         assert os.path.isfile(os.path.join(root, 'dc_cache_ImageFolder_8x8_3ch.pt'))
     assert len(runs[2]['data']) == 2
