@@ -42,7 +42,6 @@ def run(script, *args, procs=1, timeout=600, check=True):
     return proc
 
 
-
 def result(path):
     res = base.load_torch_file(path, 'result')
     return [images for images, _ in res['data']], res['accs_all_exps']
