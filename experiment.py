@@ -169,6 +169,7 @@ def run_experiments(args, data, init_fn, step_fn=None):
     ordered = [results[e] for e in sorted(results)]
     return report_results(args, merged_accuracies(results, args), len(chosen), json_path, t_start,
                           experiments_run=sorted(results),
+                          experiment_seconds=[results[e].get('seconds') for e in sorted(results)],
                           history=[h for r in ordered for h in r['history']],
                           loss_history=[h for r in ordered for h in r['loss_history']],
                           res_file=res_path(args, stem), processes=parallel.world_size(), split=mode,
@@ -207,7 +208,10 @@ def export_set(args, data, exp, images_labels):
 def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
     """One experiment, resumed from its checkpoint with --resume. writes: this process writes its checkpoints;
     show: it writes the vis grids and exports as they come (otherwise they travel in the result to rank 0).
-    Returns {'exp', 'data': [images, labels], 'accs': {model: [...]}, 'history', 'loss_history', 'vis'}."""
+    Returns {'exp', 'data': [images, labels], 'accs': {model: [...]}, 'history', 'loss_history', 'vis', 'seconds'},
+    where 'seconds' is the experiment's wall time over all the sessions that ran it (the checkpoint carries the time
+    spent before a resume; None when it comes from a checkpoint written before checkpoints kept it)."""
+    t_session = time.time()
     eval_pool = get_eval_pool(args.eval_mode, args.model)
     eval_its = eval_iterations(args) if step_fn is not None else {0}
     iterations = args.Iteration if step_fn is not None else 0
@@ -232,6 +236,11 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
     if ckpt is not None and ckpt.get('optimizer') is not None:
         optimizer_img.load_state_dict(ckpt['optimizer'])
     team = team_of(args)
+    seconds_before = result.get('seconds') if ckpt is not None else 0.0
+
+    def keep_time():
+        if seconds_before is not None:
+            result['seconds'] = round(seconds_before + time.time() - t_session, 3)
     log(args, f'================== Exp {exp} ==================')
     bar = tqdm(range(start_it, iterations + 1), desc=f'exp {exp}', disable=args.quiet or iterations == 0)
     for it in bar:
@@ -262,10 +271,12 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
         if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
             team.check_identical(image_syn, 'synthetic set')
         if writes and args.checkpoint_every > 0 and (it + 1) % args.checkpoint_every == 0 and it + 1 < iterations:
+            keep_time()
             save_checkpoint(path, args, {'exp': exp, 'it': it + 1, 'image_syn': image_syn.detach().cpu(),
                                          'label_syn': label_syn.cpu(), 'optimizer': optimizer_img.state_dict(),
                                          'result': result})
     result['data'] = [image_syn.detach().cpu().clone(), label_syn.cpu().clone()]
+    keep_time()
     if show:
         export_set(args, data, exp, result['data'])
     if writes and args.checkpoint_every > 0:

@@ -4,6 +4,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -152,6 +153,8 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path, monkeypatch, module, m
         calls['n'] += 1
         if calls['n'] == 5 + 4:  # 5 iterations of exp 0, then the 4th of exp 1
             raise KeyboardInterrupt
+        if calls['n'] in (5 + 1, 5 + 2):  # exp 1's first two iterations, before its checkpoint, take a second each
+            time.sleep(1.0)
         return real_step(*a, **k)
     monkeypatch.setattr(utils, step_name, flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -160,7 +163,16 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path, monkeypatch, module, m
     stem = f'{method}_MNIST_ConvNet_1ipc'
     assert (tmp_path / 'cut' / f'ckpt_{stem}_exp0.pt').exists()  # finished: its result
     assert (tmp_path / 'cut' / f'ckpt_{stem}_exp1.pt').exists()  # interrupted: iteration 2
+    load_ckpt = lambda e: base.load_torch_file(tmp_path / 'cut' / f'ckpt_{stem}_exp{e}.pt', 'checkpoint')
+    seconds_done, seconds_cut = load_ckpt(0)['result']['seconds'], load_ckpt(1)['result']['seconds']
+    assert seconds_cut >= 2.0
     run_main(module, mnist_dir, tmp_path / 'cut', *flags, '--resume')
+    # an experiment's wall time counts the session before the resume: exp 1's exceeds the resumed process's own
+    resumed = json.loads((tmp_path / 'cut' / f'res_{stem}.json').read_text())
+    assert resumed['experiment_seconds'][0] == seconds_done
+    assert resumed['experiment_seconds'][1] > max(seconds_cut, resumed['wall_seconds'])
+    uninterrupted = json.loads((tmp_path / 'full' / f'res_{stem}.json').read_text())
+    assert 0 < sum(uninterrupted['experiment_seconds']) <= uninterrupted['wall_seconds']
 
     full = base.load_torch_file(tmp_path / 'full' / f'res_{stem}.pt', 'r')
     cut = base.load_torch_file(tmp_path / 'cut' / f'res_{stem}.pt', 'r')
