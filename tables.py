@@ -169,6 +169,16 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def run_seconds(obj):
+    """A result file's wall time: its process's (wall_seconds), or, when its experiments' times summed over the
+    sessions that ran them (experiment_seconds) add up to more, as for a run resumed from checkpoints, that sum."""
+    wall = obj.get('wall_seconds') if is_number(obj.get('wall_seconds')) else None
+    per_experiment = obj.get('experiment_seconds')
+    if isinstance(per_experiment, list) and per_experiment and all(is_number(s) for s in per_experiment):
+        return max(wall or 0.0, float(sum(per_experiment)))
+    return wall
+
+
 def check_config(obj, keys):
     config = obj.get('config')
     if not isinstance(config, dict):
@@ -222,7 +232,7 @@ def read_record(path, folder):
     if not isinstance(obj, dict):
         raise SkipFile('not a JSON object')
     common = dict(path=path, rel=os.path.relpath(path, folder), mtime=os.path.getmtime(path),
-                  wall_seconds=obj.get('wall_seconds') if is_number(obj.get('wall_seconds')) else None)
+                  wall_seconds=run_seconds(obj))
     if isinstance(obj.get('steps'), list):
         config = check_config(obj, ('method', 'dataset', 'model', 'ipc'))
         steps = [dict(check_summary(s, f'step {k + 1}'), classes_seen=s.get('classes_seen'))
@@ -533,7 +543,8 @@ def build_runs(records, pool):
                          format_cell(make_cell([(summary, record.config)])), wall])
     header = ['file', 'kind', 'method', 'dataset', 'train model', 'ipc', 'eval_mode', 'iterations', 'eval model',
               'accuracy (%)', 'wall s']
-    notes = ['Every result file read (run: learning or baseline run; eval: --load_syn evaluation), not combined.']
+    notes = ['Every result file read (run: learning or baseline run; eval: --load_syn evaluation), not combined. '
+             'wall s: the run\'s wall time, summed over the sessions of a run resumed from its checkpoints.']
     return [Table('runs', 'All runs and evaluations', header, rows, notes)] if rows else []
 
 

@@ -250,6 +250,26 @@ def test_parts_of_one_run_are_joined_and_the_missing_part_gets_its_line(tmp_path
     assert not [ln for ln in out.splitlines() if 'main_DM.py' in ln and ' --ipc 10 ' in ln]  # no paper value, no run
 
 
+def test_runs_table_counts_the_sessions_before_a_resume(tmp_path, capsys):
+    # a part resumed in a second session: its process ran 1,804 s, its experiment 5,460 s before and 1,800 s after
+    write_run(tmp_path, 'DSA', 'FashionMNIST', 1, {'ConvNet': [0.70, 0.71]}, wall_seconds=1804.3,
+              experiment_seconds=[7260.0], name='res_DSA_FashionMNIST_ConvNet_1ipc_exp3.json')
+    # uninterrupted: the process's time (data loading, final report) exceeds its experiments'
+    write_run(tmp_path, 'DM', 'FashionMNIST', 1, {'ConvNet': [0.70, 0.71]}, wall_seconds=100.0,
+              experiment_seconds=[40.0, 50.0])
+    # resumed from a checkpoint older than experiment_seconds: the time before is unknown, the process's is shown
+    write_run(tmp_path, 'DM', 'FashionMNIST', 10, {'ConvNet': [0.80, 0.81]}, wall_seconds=600.0,
+              experiment_seconds=[None])
+    code, out, err = report_in_process(capsys, tmp_path, '--table', 'runs')
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith('| file |'))
+    column = header.strip(' |').split(' | ').index('wall s')
+    wall = {row.strip(' |').split(' | ')[0]: row.strip(' |').split(' | ')[column]
+            for row in out.splitlines() if row.startswith('| res_')}
+    assert wall == {'res_DSA_FashionMNIST_ConvNet_1ipc_exp3.json': '7260', 'res_DM_FashionMNIST_ConvNet_1ipc.json': '100',
+                    'res_DM_FashionMNIST_ConvNet_10ipc.json': '600'}
+
+
 def test_other_tables(hand_set, capsys):
     code, out, err = report_in_process(capsys, hand_set)
     assert code == 0
