@@ -229,14 +229,15 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
     else:
         image_syn, label_syn = init_fn(exp)
         start_it = 0
-        result = {'exp': exp, 'accs': {m: [] for m in eval_pool}, 'history': [], 'loss_history': [], 'vis': []}
+        result = {'exp': exp, 'accs': {m: [] for m in eval_pool}, 'history': [], 'loss_history': [], 'vis': [],
+                  'seconds': 0.0}
     labelnoise.start_experiment(args, result, exp, resumed=ckpt is not None)
     optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5) if step_fn is not None else None
     keeper = snapshot_keeper(args, data, stem, exp, label_syn, start_it, writes) if step_fn is not None else None
     if ckpt is not None and ckpt.get('optimizer') is not None:
         optimizer_img.load_state_dict(ckpt['optimizer'])
     team = team_of(args)
-    seconds_before = result.get('seconds') if ckpt is not None else 0.0
+    seconds_before = result.get('seconds')
 
     def keep_time():
         if seconds_before is not None:

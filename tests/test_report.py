@@ -262,10 +262,9 @@ def test_runs_table_counts_the_sessions_before_a_resume(tmp_path, capsys):
               experiment_seconds=[None])
     code, out, err = report_in_process(capsys, tmp_path, '--table', 'runs')
     assert code == 0
-    header = next(line for line in out.splitlines() if line.startswith('| file |'))
-    column = header.strip(' |').split(' | ').index('wall s')
-    wall = {row.strip(' |').split(' | ')[0]: row.strip(' |').split(' | ')[column]
-            for row in out.splitlines() if row.startswith('| res_')}
+    column = table_row(out, 'file').index('wall s')
+    files = [line.split(' | ')[0].strip('| ') for line in out.splitlines() if line.startswith('| res_')]
+    wall = {name: table_row(out, name)[column] for name in files}
     assert wall == {'res_DSA_FashionMNIST_ConvNet_1ipc_exp3.json': '7260', 'res_DM_FashionMNIST_ConvNet_1ipc.json': '100',
                     'res_DM_FashionMNIST_ConvNet_10ipc.json': '600'}
 
