@@ -11,7 +11,8 @@ import parallel
 import rng
 from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed, short_error
 from data import check_ipc_fits
-from experiment import chosen_experiments, evaluate_pool, part_stem
+from experiment import (RESUME_KEYS, checkpoint_path, chosen_experiments, evaluate_pool, load_checkpoint, part_stem,
+                        save_checkpoint)
 from networks import get_network
 from results import report_results, result_stem, save_results, write_progress_summary
 from training import BASELINE_METHODS, backward_mean_loss, embed_chunked
@@ -24,6 +25,10 @@ BASELINE_BATCH = 256  # batch of the feature / forgetting networks trained on th
 
 
 WHOLE_EPOCHS = 30  # --epoch_eval_train default of --method whole (a full pass is ~N/ipc times longer)
+# The flags a whole-bound checkpoint checks: the run's, and those that shape each network's training (--num_eval and
+# --eval_mode may change: the networks a resumed run lacks are trained, those it has are kept).
+WHOLE_RESUME_KEYS = RESUME_KEYS + ('epoch_eval_train', 'lr_net', 'batch_train', 'im_size', 'channels', 'dsa_eval',
+                                   'bf16')
 
 
 def _check_pick_count(n, ipc):
@@ -230,20 +235,24 @@ def run_whole(args, data):
     """The 'whole dataset' bound: each model of the eval pool trained num_eval times per experiment on the full
     training set with the evaluation protocol (evaluate_pool), reported like run_experiments. res_whole_*.pt keeps
     'accs_all_exps' and an empty 'data' (the set is the training set itself). Under torchrun the networks of each
-    evaluation are spread over the processes. Returns the summary dict."""
+    evaluation are spread over the processes. Each network takes an hour or more on a CPU, so each experiment has a
+    checkpoint (ckpt_whole_*_exp{E}.pt, unless --checkpoint_every 0) that keeps every network as it finishes (under
+    torchrun: those of rank 0, and all of them at the experiment's end); --resume trains only the networks it lacks,
+    which are the same networks (addressed by seed, experiment, model and index) as in a run never stopped.
+    Returns the summary dict."""
     args.team = parallel.Team(shared=True)
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
     res_path = os.path.join(args.save_path, f'res_{part_stem(args, stem)}.pt')
     json_path = os.path.join(args.save_path, f'res_{part_stem(args, stem)}.json')
     eval_pool = get_eval_pool(args.eval_mode, args.model)
-    accs_all_exps, history = {m: [] for m in eval_pool}, []
+    accs_all_exps, history, seconds = {m: [] for m in eval_pool}, [], []
     chosen, done = chosen_experiments(args), []
     t_start = time.time()
     for exp in chosen:
         set_seed(args.seed + exp)
         log(args, f'================== Exp {exp} ==================')
-        accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole',
-                             (args.seed, exp, 0))
+        accs, exp_seconds = whole_experiment(args, data, eval_pool, stem, exp)
+        seconds.append(exp_seconds)
         for m, a in accs.items():
             accs_all_exps[m] += a
             history.append({'exp': exp, 'iteration': 0, 'model': m, 'accs': a})
@@ -252,6 +261,41 @@ def run_whole(args, data):
         done.append(exp)
         if len(done) < len(chosen):
             write_progress_summary(args, accs_all_exps, done, json_path, t_start)
+    if parallel.rank() == 0:
+        for exp in chosen:
+            path = checkpoint_path(args, stem, exp)
+            if os.path.exists(path):
+                os.remove(path)
     return report_results(args, accs_all_exps, len(chosen), json_path, t_start, history=history, res_file=res_path,
-                          experiments_run=chosen,
+                          experiments_run=chosen, experiment_seconds=seconds,
                           **labelnoise.report_fields(args, []))
+
+
+def whole_experiment(args, data, eval_pool, stem, exp):
+    """One experiment of the whole-dataset bound, resumed from its checkpoint with --resume: ({model: accuracies},
+    the experiment's seconds over all the sessions that trained its networks)."""
+    t_session = time.time()
+    path = checkpoint_path(args, stem, exp)
+    ckpt = load_checkpoint(path, args, WHOLE_RESUME_KEYS) if args.resume else None
+    known = {(m, k): a for m, accs in (ckpt or {}).get('networks', {}).items() for k, a in accs.items()}
+    seconds_before = (ckpt or {}).get('seconds', 0.0)
+    if ckpt is not None:
+        log(args, f'resuming experiment {exp} from {path}: {len(known)} network(s) trained before')
+    writes = parallel.rank() == 0 and args.checkpoint_every > 0
+
+    def keep(networks):
+        by_model = {}
+        for (m, k), a in sorted(networks.items()):
+            by_model.setdefault(m, {})[k] = float(a)
+        save_checkpoint(path, args, {'exp': exp, 'networks': by_model,
+                                     'seconds': round(seconds_before + time.time() - t_session, 3)})
+
+    def finished(model, indices, accs):
+        known.update({(model, k): a for k, a in zip(indices, accs)})
+        if writes:
+            keep(known)
+    accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole',
+                         (args.seed, exp, 0), known=known, on_networks=finished)
+    if writes:  # every process's networks, now gathered
+        keep({(m, k): a for m, a_m in accs.items() for k, a in enumerate(a_m)})
+    return accs, round(seconds_before + time.time() - t_session, 3)

@@ -31,19 +31,25 @@ RESUME_KEYS = ('method', 'dataset', 'model', 'ipc', 'Iteration', 'seed', 'init',
 CHECK_EVERY = 10
 
 
-def evaluate_pool(images, labels, data, args, eval_pool, tag, key):
+def evaluate_pool(images, labels, data, args, eval_pool, tag, key, known=None, on_networks=None):
     """Accuracies of every model of the pool trained on one set; prints mean and std per model. key: (seed,
     experiment, iteration). The (model, network) pairs are spread over the team (torchrun) and gathered in a fixed
-    order; each network is addressed by its key, so the accuracies do not depend on the number of processes."""
+    order; each network is addressed by its key, so the accuracies do not depend on the number of processes, nor on
+    which of them were known before: known {(model, index): accuracy} are not trained again (a resumed evaluation),
+    and on_networks(model, indices, accs) hears of each network (or group) this process finishes."""
+    known = dict(known or {})
     team = team_of(args)
-    mine = team.share((m, k) for m in eval_pool for k in range(args.num_eval))
+    mine = team.share((m, k) for m in eval_pool for k in range(args.num_eval) if (m, k) not in known)
     done = {}
     for model_eval in eval_pool:
         indices = [k for m, k in mine if m == model_eval]
-        accs = evaluate_models(images, labels, data, args, model_eval, indices, key, desc=f'{tag} eval {model_eval}')
+        hook = None if on_networks is None else (lambda ks, a, m=model_eval: on_networks(m, ks, a))
+        accs = evaluate_models(images, labels, data, args, model_eval, indices, key, desc=f'{tag} eval {model_eval}',
+                               on_group=hook)
         done.update({(model_eval, k): a for k, a in zip(indices, accs)})
     for part in team.gather(done):
         done.update(part)
+    done.update(known)
     accs = {m: [done[(m, k)] for k in range(args.num_eval)] for m in eval_pool}
     for model_eval, a in accs.items():
         a = np.asarray(a)
@@ -63,12 +69,13 @@ def save_checkpoint(path, args, state):
     save_torch_file_atomic({'config': config_dict(args), **state}, path)
 
 
-def load_checkpoint(path, args):
+def load_checkpoint(path, args, keys=RESUME_KEYS):
+    """The checkpoint at path (None if there is none), refused when it was written with other values of `keys`."""
     if not os.path.exists(path):
         return None
     ckpt = load_torch_file(path, 'checkpoint', unsafe=getattr(args, 'unsafe_load', False))
     old = ckpt.get('config', {})
-    for key in RESUME_KEYS:
+    for key in keys:
         if key in old and old[key] != getattr(args, key, None):
             raise UserError(f"checkpoint '{path}' was written with --{key} {old[key]}, not {getattr(args, key, None)}; "
                             f"rerun with the same flags or without --resume")
@@ -375,7 +382,8 @@ def add_common_args(parser, **defaults):
     a('--seed', type=int, default=0, help='experiment k uses seed + k; drives every random choice')
     a('--device', type=str, default=None, help='cpu, cuda, cuda:N (default: cuda when available)')
     a('--resume', action='store_true', help='continue from the checkpoint in save_path')
-    a('--checkpoint_every', type=int, default=100, help='iterations between checkpoints (0: none)')
+    a('--checkpoint_every', type=int, default=100,
+      help='iterations between checkpoints (0: none); --method whole keeps each network as it finishes')
     a('--load_syn', type=str, default=None, help='evaluate the sets of a res_*.pt without learning')
     a('--unsafe_load', action='store_true', help='load user files (--load_syn, checkpoints, tinyimagenet.pt) even when '
                                                  'they hold Python objects beyond plain data: only for files you trust')

@@ -82,8 +82,6 @@ def run_baseline(args, data):
     """Coreset selection (evaluated once, like a DC set at iteration 0) or the whole-dataset bound."""
     aug = f'DSA {args.dsa_strategy}' if training.method_uses_dsa(args.method, args.dsa_strategy) else 'the DC rule'
     if args.method == 'whole':
-        if args.resume:
-            base.log(args, '--resume does not apply to whole: every experiment is a fresh training run')
         base.log(args, f'whole {args.dataset} training set on {args.model}: {args.epoch_eval_train} epochs, '
                         f'augmentation by {aug}, device {args.device}')
         return coreset.run_whole(args, data)

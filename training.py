@@ -373,9 +373,11 @@ def evaluation_network(model_eval, data, device, key):
     return net, NetRandom(rng.derive_seed(*key, 'train'), rng.derive_seed(*key, 'choice'), device)
 
 
-def evaluate_models(images, labels, data, args, model_eval, indices, key, desc=''):
+def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='', on_group=None):
     """Train the evaluation networks `indices` (their numbers among the num_eval of this evaluation) of one
     architecture on a (synthetic) set; return their test accuracies in that order. key: (seed, experiment, iteration).
+    on_group(indices, accs), if given, is called as each network (or group trained together) finishes: a long
+    evaluation can keep what it has (the whole-dataset bound's checkpoints).
 
     Models without BatchNorm are trained together in groups (train_and_test_batched) when --eval_batched is on (auto:
     on a GPU); otherwise, and with --channels_last or --compile (which act on modules), one by one. Both paths draw
@@ -399,11 +401,14 @@ def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='
                     for i, k in enumerate(members)]
             nets, rands = [m[0] for m in made], [m[1] for m in made]
             if len(members) > 1:
-                accs += train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test,
-                                               epochs, args.lr_net, args.batch_train, dsa, dc, args.dsa_param, bf16)
+                new = train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test,
+                                             epochs, args.lr_net, args.batch_train, dsa, dc, args.dsa_param, bf16)
             else:
-                accs.append(train_and_test(nets[0], images, labels, data.images_test, data.labels_test, epochs,
-                                           args.lr_net, args.batch_train, dsa, dc, args.dsa_param, rands[0],
-                                           bf16, channels_last, compile))
+                new = [train_and_test(nets[0], images, labels, data.images_test, data.labels_test, epochs,
+                                      args.lr_net, args.batch_train, dsa, dc, args.dsa_param, rands[0],
+                                      bf16, channels_last, compile)]
+            accs += new
+            if on_group is not None:
+                on_group(members, new)
             bar.update(len(members))
     return accs

@@ -305,6 +305,44 @@ def test_a_part_of_the_whole_dataset_bound_is_that_experiment(mnist_dir, tmp_pat
     assert json.loads((tmp_path / 'part' / f'res_{stem}_exp1.json').read_text())['experiments_run'] == [1]
 
 
+def test_whole_dataset_bound_resumes_network_by_network(mnist_dir, tmp_path, monkeypatch):
+    # each network of the whole bound takes an hour on a CPU: a run stopped inside an experiment keeps the networks it
+    # finished (its checkpoint), and --resume trains only the others, ending with the uninterrupted run's accuracies
+    import training
+    flags = ['--method', 'whole', '--num_exp', '2', '--num_eval', '2', '--epoch_eval_train', '1', '--model', 'MLP']
+    run_main(main, mnist_dir, tmp_path / 'full', *flags)
+    stem = 'whole_MNIST_MLP_1ipc'
+    full = [float(a) for a in base.load_torch_file(tmp_path / 'full' / f'res_{stem}.pt', 'r')['accs_all_exps']['MLP']]
+    real_train = training.train_and_test
+    calls = {'n': 0}
+
+    def flaky(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 4:  # both networks of experiment 0, then network 0 of experiment 1; stop in network 1
+            raise KeyboardInterrupt
+        return real_train(*a, **k)
+    monkeypatch.setattr(training, 'train_and_test', flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(main, mnist_dir, tmp_path / 'cut', *flags)
+    ckpt = base.load_torch_file(tmp_path / 'cut' / f'ckpt_{stem}_exp1.pt', 'checkpoint')
+    assert ckpt['exp'] == 1 and ckpt['networks'] == {'MLP': {0: full[2]}}
+    assert base.load_torch_file(tmp_path / 'cut' / f'ckpt_{stem}_exp0.pt', 'checkpoint')['networks'] == {
+        'MLP': {0: full[0], 1: full[1]}}
+
+    # a checkpoint of other training settings is refused, not mixed in
+    with pytest.raises(base.UserError, match='--epoch_eval_train 1, not 2'):
+        run_main(main, mnist_dir, tmp_path / 'cut', *flags, '--resume', '--epoch_eval_train', '2')
+    calls['n'] = 0
+    run_main(main, mnist_dir, tmp_path / 'cut', *flags, '--resume')
+    assert calls['n'] == 1  # only network 1 of experiment 1 was trained again
+    cut = [float(a) for a in base.load_torch_file(tmp_path / 'cut' / f'res_{stem}.pt', 'r')['accs_all_exps']['MLP']]
+    assert cut == full
+    summary = json.loads((tmp_path / 'cut' / f'res_{stem}.json').read_text())
+    assert summary['experiments_run'] == [0, 1] and len(summary['experiment_seconds']) == 2
+    assert summary['experiment_seconds'][1] >= ckpt['seconds'] > 0
+    assert not list((tmp_path / 'cut').glob('ckpt_*'))
+
+
 def test_load_syn_round_trip(mnist_dir, tmp_path):
     run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '1', '--no_vis', '--num_exp', '2')
     res_file = tmp_path / 'res_DC_MNIST_ConvNet_1ipc.pt'
