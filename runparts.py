@@ -88,7 +88,7 @@ def continue_command(records):
     """The line that completes a run (records: newest_run's list), rebuilt from the run's own config; None when no
     experiment is missing. A single stopped file whose folder still holds its checkpoints continues with --resume
     into the same files; otherwise the missing experiments run as a part (--experiments) beside the others, still with
-    --resume so that a checkpoint of theirs is used. The whole-dataset bound has no checkpoints: its line reruns."""
+    --resume so that a checkpoint of theirs is used (the whole-dataset bound's keep its finished networks)."""
     missing = missing_experiments(records)
     if not missing:
         return None
@@ -104,11 +104,8 @@ def continue_command(records):
             words += [f'--{key}'] + [str(v) for v in value]
         else:
             words += [f'--{key}'] if value is True else [f'--{key}', str(value)]
-    plain_resume = (len(records) == 1 and config.get('experiments') is None and config['method'] != 'whole'
-                    and has_checkpoints(newest))
+    plain_resume = len(records) == 1 and config.get('experiments') is None and has_checkpoints(newest)
     if not plain_resume:
         words += ['--experiments', experiment.format_experiments(missing)]
-    words += ['--save_path', os.path.dirname(newest.path) or '.']
-    if config['method'] != 'whole':
-        words.append('--resume')
+    words += ['--save_path', os.path.dirname(newest.path) or '.', '--resume']
     return shlex.join(words)

@@ -164,6 +164,22 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(mnist, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(full[0], cut[0])) and full[1] == cut[1]
 
 
+def test_whole_bound_resumed_under_torchrun_trains_only_the_missing_networks(mnist, tmp_path):
+    # experiment 0's checkpoint says network 0 is done (with a marker accuracy no network scores on this data); two
+    # processes share networks 1 and 2 and end with the single process's accuracies for them, network 0 kept as is
+    args = [*FAST, '--data_path', mnist, '--method', 'whole', '--model', 'MLP', '--num_exp', '1', '--num_eval', '3',
+            '--epoch_eval_train', '1']
+    run('main.py', *args, '--save_path', tmp_path / 'one')
+    one = [float(a) for a in result(tmp_path / 'one' / 'res_whole_MNIST_MLP_1ipc.pt')[1]['MLP']]
+    (tmp_path / 'two').mkdir()
+    torch.save({'config': {'method': 'whole', 'dataset': 'MNIST', 'epoch_eval_train': 1}, 'exp': 0,
+                'networks': {'MLP': {0: 0.123}}}, tmp_path / 'two' / 'ckpt_whole_MNIST_MLP_1ipc_exp0.pt')
+    run('main.py', *args, '--save_path', tmp_path / 'two', '--resume', procs=2)
+    two = [float(a) for a in result(tmp_path / 'two' / 'res_whole_MNIST_MLP_1ipc.pt')[1]['MLP']]
+    assert two == [0.123, one[1], one[2]] and 0.123 not in one
+    assert not glob.glob(str(tmp_path / 'two' / 'ckpt_*'))
+
+
 def test_nas_candidates_split_equals_one_process(mnist, tmp_path):
     args = ['--dataset', 'MNIST', '--data_path', mnist, '--proxy', 'random', '--ipc', '1', '--epochs', '1',
             '--ground_truth', '--whole_epochs', '0', '--depth', '1', '--width', '8', '--act', 'relu', 'sigmoid',

@@ -250,6 +250,21 @@ def test_parts_of_one_run_are_joined_and_the_missing_part_gets_its_line(tmp_path
     assert not [ln for ln in out.splitlines() if 'main_DM.py' in ln and ' --ipc 10 ' in ln]  # no paper value, no run
 
 
+def test_a_stopped_whole_bound_continues_with_resume(tmp_path, capsys):
+    # the whole-dataset bound stopped after experiment 0 of 2, its folder holding experiment 1's checkpoint (the
+    # networks it finished): the line that completes the cell is the same command with --resume, into the same files
+    root = tmp_path / 'runs'
+    write_run(root, 'whole', 'CIFAR10', 1, {'ConvNet': [0.84, 0.86]}, num_exp=2, experiments_done=1)
+    whole_lines = lambda: [ln for ln in report_in_process(capsys, root, '--commands', 'table1', '--dataset',
+                                                          'CIFAR10')[1].splitlines() if ' --method whole ' in ln]
+    lines = whole_lines()  # no checkpoint: experiment 1 runs as a part beside experiment 0
+    assert len(lines) == 1 and ' --experiments 1 ' in lines[0] and lines[0].endswith(f'--save_path {root} --resume')
+    (root / 'ckpt_whole_CIFAR10_ConvNet_1ipc_exp1.pt').write_bytes(b'')
+    lines = whole_lines()
+    assert len(lines) == 1 and ' --experiments ' not in lines[0] and ' --num_exp 2 --num_eval 2 ' in lines[0]
+    assert lines[0].endswith(f'--save_path {root} --resume')
+
+
 def test_runs_table_counts_the_sessions_before_a_resume(tmp_path, capsys):
     # a part resumed in a second session: its process ran 1,804 s, its experiment 5,460 s before and 1,800 s after
     write_run(tmp_path, 'DSA', 'FashionMNIST', 1, {'ConvNet': [0.70, 0.71]}, wall_seconds=1804.3,
