@@ -12,7 +12,7 @@ import rng
 from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed, short_error
 from data import check_ipc_fits
 from experiment import (RESUME_KEYS, checkpoint_path, chosen_experiments, evaluate_pool, load_checkpoint, part_stem,
-                        save_checkpoint)
+                        save_checkpoint, warn_if_checkpoint_dropped)
 from networks import get_network
 from results import report_results, result_stem, save_results, write_progress_summary
 from training import BASELINE_METHODS, backward_mean_loss, embed_chunked
@@ -276,6 +276,7 @@ def whole_experiment(args, data, eval_pool, stem, exp):
     the experiment's seconds over all the sessions that trained its networks)."""
     t_session = time.time()
     path = checkpoint_path(args, stem, exp)
+    warn_if_checkpoint_dropped(path, args)
     ckpt = load_checkpoint(path, args, WHOLE_RESUME_KEYS) if args.resume else None
     known = {(m, k): a for m, accs in (ckpt or {}).get('networks', {}).items() for k, a in accs.items()}
     seconds_before = (ckpt or {}).get('seconds', 0.0)

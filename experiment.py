@@ -82,6 +82,14 @@ def load_checkpoint(path, args, keys=RESUME_KEYS):
     return ckpt
 
 
+def warn_if_checkpoint_dropped(path, args):
+    """A run without --resume starts afresh and overwrites (then deletes) the checkpoint a stopped run left at path:
+    hours of work, so it is said even with --quiet (rank 0 only)."""
+    if not args.resume and os.path.exists(path) and parallel.rank() == 0:
+        print(f"warning: '{path}' holds a stopped run's progress; this run starts afresh and overwrites it "
+              f"(add --resume to continue from it)", file=sys.stderr)
+
+
 def distribution_mode(args):
     """'single' (one process), 'experiments' (process r runs experiments r, r+N, ...) or 'classes' (all processes on
     one experiment at a time, each with a share of its classes and of its evaluation networks): the latter with
@@ -223,6 +231,7 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
     eval_its = eval_iterations(args) if step_fn is not None else {0}
     iterations = args.Iteration if step_fn is not None else 0
     path = checkpoint_path(args, stem, exp)
+    warn_if_checkpoint_dropped(path, args)
     ckpt = load_checkpoint(path, args) if args.resume else None
     if ckpt is not None and ckpt.get('done'):
         log(args, f'experiment {exp} was finished before: taken from {path}')

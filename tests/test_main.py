@@ -343,6 +343,23 @@ def test_whole_dataset_bound_resumes_network_by_network(mnist_dir, tmp_path, mon
     assert not list((tmp_path / 'cut').glob('ckpt_*'))
 
 
+@pytest.mark.parametrize('method', ['random', 'whole'])
+def test_a_run_without_resume_says_it_overwrites_a_checkpoint(mnist_dir, tmp_path, capsys, method):
+    # a stopped run's checkpoint is the work of hours: a run of the same stem without --resume says, even with
+    # --quiet, that it starts afresh (and, finishing, leaves no checkpoint); with --resume nothing is said
+    flags = ['--method', method, '--model', 'MLP', '--epoch_eval_train', '1']
+    run_main(main, mnist_dir, tmp_path, *flags, '--checkpoint_every', '0')
+    ckpt = tmp_path / f'ckpt_{method}_MNIST_MLP_1ipc_exp0.pt'
+    torch.save({'config': {}, 'exp': 0}, ckpt)
+    capsys.readouterr()
+    run_main(main, mnist_dir, tmp_path, *flags)
+    err = capsys.readouterr().err
+    assert f"warning: '{ckpt}' holds a stopped run's progress" in err and '--resume' in err
+    assert not ckpt.exists()
+    run_main(main, mnist_dir, tmp_path, *flags, '--resume')
+    assert 'warning' not in capsys.readouterr().err
+
+
 def test_load_syn_round_trip(mnist_dir, tmp_path):
     run_main(main, mnist_dir, tmp_path, '--ipc', '1', '--Iteration', '1', '--no_vis', '--num_exp', '2')
     res_file = tmp_path / 'res_DC_MNIST_ConvNet_1ipc.pt'
