@@ -12,7 +12,7 @@ import rng
 from base import UserError, check_choice, load_torch_file, log, save_torch_file_atomic, set_seed, short_error
 from data import check_ipc_fits
 from experiment import (RESUME_KEYS, checkpoint_path, chosen_experiments, evaluate_pool, load_checkpoint, part_stem,
-                        save_checkpoint, warn_if_checkpoint_dropped)
+                        remove_checkpoints, save_checkpoint)
 from networks import get_network
 from results import report_results, result_stem, save_results, write_progress_summary
 from training import BASELINE_METHODS, backward_mean_loss, embed_chunked
@@ -262,10 +262,7 @@ def run_whole(args, data):
         if len(done) < len(chosen):
             write_progress_summary(args, accs_all_exps, done, json_path, t_start)
     if parallel.rank() == 0:
-        for exp in chosen:
-            path = checkpoint_path(args, stem, exp)
-            if os.path.exists(path):
-                os.remove(path)
+        remove_checkpoints(args, stem, chosen)
     return report_results(args, accs_all_exps, len(chosen), json_path, t_start, history=history, res_file=res_path,
                           experiments_run=chosen, experiment_seconds=seconds,
                           **labelnoise.report_fields(args, []))
@@ -276,11 +273,10 @@ def whole_experiment(args, data, eval_pool, stem, exp):
     the experiment's seconds over all the sessions that trained its networks)."""
     t_session = time.time()
     path = checkpoint_path(args, stem, exp)
-    warn_if_checkpoint_dropped(path, args)
-    ckpt = load_checkpoint(path, args, WHOLE_RESUME_KEYS) if args.resume else None
-    known = {(m, k): a for m, accs in (ckpt or {}).get('networks', {}).items() for k, a in accs.items()}
-    seconds_before = (ckpt or {}).get('seconds', 0.0)
-    if ckpt is not None:
+    ckpt = load_checkpoint(path, args, WHOLE_RESUME_KEYS) or {}
+    known = {(m, k): a for m, accs in ckpt.get('networks', {}).items() for k, a in accs.items()}
+    seconds = lambda: round(ckpt.get('seconds', 0.0) + time.time() - t_session, 3)  # over the sessions so far
+    if ckpt:
         log(args, f'resuming experiment {exp} from {path}: {len(known)} network(s) trained before')
     writes = parallel.rank() == 0 and args.checkpoint_every > 0
 
@@ -288,8 +284,7 @@ def whole_experiment(args, data, eval_pool, stem, exp):
         by_model = {}
         for (m, k), a in sorted(networks.items()):
             by_model.setdefault(m, {})[k] = float(a)
-        save_checkpoint(path, args, {'exp': exp, 'networks': by_model,
-                                     'seconds': round(seconds_before + time.time() - t_session, 3)})
+        save_checkpoint(path, args, {'exp': exp, 'networks': by_model, 'seconds': seconds()})
 
     def finished(model, indices, accs):
         known.update({(model, k): a for k, a in zip(indices, accs)})
@@ -299,4 +294,4 @@ def whole_experiment(args, data, eval_pool, stem, exp):
                          (args.seed, exp, 0), known=known, on_networks=finished)
     if writes:  # every process's networks, now gathered
         keep({(m, k): a for m, a_m in accs.items() for k, a in enumerate(a_m)})
-    return accs, round(seconds_before + time.time() - t_session, 3)
+    return accs, seconds()

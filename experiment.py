@@ -70,8 +70,15 @@ def save_checkpoint(path, args, state):
 
 
 def load_checkpoint(path, args, keys=RESUME_KEYS):
-    """The checkpoint at path (None if there is none), refused when it was written with other values of `keys`."""
+    """The checkpoint at path to go on from with --resume, refused when it was written with other values of `keys`;
+    None when there is none, or without --resume: that run starts afresh and overwrites (then deletes) a stopped run's
+    checkpoint, hours of work, so it says so even with --quiet (rank 0 only)."""
     if not os.path.exists(path):
+        return None
+    if not args.resume:
+        if parallel.rank() == 0:
+            print(f"warning: '{path}' holds a stopped run's progress; this run starts afresh and overwrites it "
+                  f"(add --resume to continue from it)", file=sys.stderr)
         return None
     ckpt = load_torch_file(path, 'checkpoint', unsafe=getattr(args, 'unsafe_load', False))
     old = ckpt.get('config', {})
@@ -80,14 +87,6 @@ def load_checkpoint(path, args, keys=RESUME_KEYS):
             raise UserError(f"checkpoint '{path}' was written with --{key} {old[key]}, not {getattr(args, key, None)}; "
                             f"rerun with the same flags or without --resume")
     return ckpt
-
-
-def warn_if_checkpoint_dropped(path, args):
-    """A run without --resume starts afresh and overwrites (then deletes) the checkpoint a stopped run left at path:
-    hours of work, so it is said even with --quiet (rank 0 only)."""
-    if not args.resume and os.path.exists(path) and parallel.rank() == 0:
-        print(f"warning: '{path}' holds a stopped run's progress; this run starts afresh and overwrites it "
-              f"(add --resume to continue from it)", file=sys.stderr)
 
 
 def distribution_mode(args):
@@ -177,10 +176,7 @@ def run_experiments(args, data, init_fn, step_fn=None):
         save_results(res_path(args, stem), [results[e]['data'] for e in sorted(results)],
                      merged_accuracies(results, args), args, {'seconds': time.time() - t_start})
     if main_process:
-        for exp in chosen:
-            path = checkpoint_path(args, stem, exp)
-            if os.path.exists(path):
-                os.remove(path)
+        remove_checkpoints(args, stem, chosen)
     ordered = [results[e] for e in sorted(results)]
     return report_results(args, merged_accuracies(results, args), len(chosen), json_path, t_start,
                           experiments_run=sorted(results),
@@ -197,6 +193,14 @@ def res_path(args, stem):
 
 def checkpoint_path(args, stem, exp):
     return os.path.join(args.save_path, f'ckpt_{stem}_exp{exp}.pt')
+
+
+def remove_checkpoints(args, stem, experiments):
+    """The end of a run: its results are written, so the experiments' checkpoints go."""
+    for exp in experiments:
+        path = checkpoint_path(args, stem, exp)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def merged_accuracies(results, args):
@@ -231,8 +235,7 @@ def run_experiment(args, data, exp, init_fn, step_fn, stem, writes, show):
     eval_its = eval_iterations(args) if step_fn is not None else {0}
     iterations = args.Iteration if step_fn is not None else 0
     path = checkpoint_path(args, stem, exp)
-    warn_if_checkpoint_dropped(path, args)
-    ckpt = load_checkpoint(path, args) if args.resume else None
+    ckpt = load_checkpoint(path, args)
     if ckpt is not None and ckpt.get('done'):
         log(args, f'experiment {exp} was finished before: taken from {path}')
         return ckpt['result']
