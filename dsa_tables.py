@@ -441,5 +441,5 @@ def commands_any(name, dataset, records, folder):
                 'table5': table5_commands}
     if name in builders:
         return builders[name](dataset, records, folder)
-    return [with_save_path(c, folder) for c in missing_commands(name, dataset, records)]
+    return [with_save_path(c, folder) for c in missing_commands(name, dataset, records, [folder])]
 

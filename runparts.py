@@ -8,6 +8,7 @@ import os
 import shlex
 
 import experiment  # RESUME_KEYS: the flags a checkpoint checks; format_experiments: a part's name
+from base import UserError, load_torch_file
 
 # The flags that make two result files parts of one run: those --resume checks, then those that shape the evaluation.
 RUN_FLAGS = experiment.RESUME_KEYS + ('num_eval', 'epoch_eval_train', 'lr_net', 'batch_train', 'eval_mode',
@@ -84,16 +85,8 @@ def has_checkpoints(record):
     return bool(glob.glob(os.path.join(glob.escape(folder), f'ckpt_{glob.escape(record.stem)}_exp*.pt')))
 
 
-def continue_command(records):
-    """The line that completes a run (records: newest_run's list), rebuilt from the run's own config; None when no
-    experiment is missing. A single stopped file whose folder still holds its checkpoints continues with --resume
-    into the same files; otherwise the missing experiments run as a part (--experiments) beside the others, still with
-    --resume so that a checkpoint of theirs is used (the whole-dataset bound's keep its finished networks)."""
-    missing = missing_experiments(records)
-    if not missing:
-        return None
-    newest = records[0]
-    config = newest.config
+def command_words(config):
+    """['python', script, flags...]: the command line of a run rebuilt from its config (COMMAND_FLAGS only)."""
     script = 'main_DM.py' if config['method'] == 'DM' else 'main.py'
     words = ['python', script]
     for key in COMMAND_FLAGS:
@@ -104,8 +97,60 @@ def continue_command(records):
             words += [f'--{key}'] + [str(v) for v in value]
         else:
             words += [f'--{key}'] if value is True else [f'--{key}', str(value)]
+    return words
+
+
+def continue_command(records):
+    """The line that completes a run (records: newest_run's list), rebuilt from the run's own config; None when no
+    experiment is missing. A single stopped file whose folder still holds its checkpoints continues with --resume
+    into the same files; otherwise the missing experiments run as a part (--experiments) beside the others, still with
+    --resume so that a checkpoint of theirs is used (the whole-dataset bound's keep its finished networks)."""
+    missing = missing_experiments(records)
+    if not missing:
+        return None
+    newest = records[0]
+    config = newest.config
+    words = command_words(config)
     plain_resume = len(records) == 1 and config.get('experiments') is None and has_checkpoints(newest)
     if not plain_resume:
         words += ['--experiments', experiment.format_experiments(missing)]
     words += ['--save_path', os.path.dirname(newest.path) or '.', '--resume']
     return shlex.join(words)
+
+
+def cell_checkpoints(folders, method, dataset, model, ipc):
+    """The checkpoints ckpt_<stem>_exp<E>.pt of one table cell under the folders (searched recursively, like the
+    result files), newest first. The whole-dataset bound's stem carries whatever --ipc its run had (it does not use
+    it), so any ipc matches there."""
+    parts = [glob.escape(str(p)) for p in (method, dataset, model)]
+    ipc_part = '*' if method == 'whole' else glob.escape(str(ipc))
+    name = f"ckpt_{'_'.join(parts)}_{ipc_part}ipc_exp*.pt"
+    found = {os.path.normpath(p) for folder in folders
+             for p in glob.glob(os.path.join(glob.escape(folder), '**', name), recursive=True)}
+    return sorted(found, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+
+
+def stopped_run_commands(paths, warn):
+    """The lines that continue runs whose only trace is a checkpoint (stopped inside the first experiment they ran,
+    before any result file): each run's own command, rebuilt from the config its checkpoint keeps, with its own
+    --experiments and --resume, so that it goes on into the same files rather than starting afresh over them (hours
+    of a whole-bound network, say). One line per distinct run; a checkpoint that cannot be read is skipped with
+    warn(message)."""
+    lines = []
+    for path in paths:
+        try:
+            config = load_torch_file(path, 'checkpoint').get('config')
+        except UserError as e:
+            warn(f'skipping {path}: {e}')
+            continue
+        if not isinstance(config, dict) or not all(isinstance(config.get(k), str) for k in ('method', 'dataset')):
+            warn(f'skipping {path}: it holds no run config (not a checkpoint of this project)')
+            continue
+        words = command_words(config)
+        if config.get('experiments') is not None:
+            words += ['--experiments', str(config['experiments'])]
+        words += ['--save_path', os.path.dirname(path) or '.', '--resume']
+        line = shlex.join(words)
+        if line not in lines:
+            lines.append(line)
+    return lines

@@ -614,10 +614,12 @@ def table1_command(method, dataset, ipc):
     return f'python main.py {base} --ipc {ipc} --method {method}'
 
 
-def table1_commands(dataset, records):
+def table1_commands(dataset, records, folders=()):
     """Cells of the paper's Table 1 (those with a paper value) for this dataset that have no result yet, and the
     lines that complete every cell whose newest run lacks experiments (stopped, or parts; runparts.continue_command),
-    with a paper value or not (DM on FashionMNIST has none)."""
+    with a paper value or not (DM on FashionMNIST has none). A cell with no result file but a stopped run's
+    checkpoint under the folders gets that run's line with --resume (runparts.stopped_run_commands), never the
+    paper's line, which would start afresh and overwrite the checkpoint."""
     groups = group_by(records, table1_key)
     commands = []
     for ipc in TABLE1_IPCS:
@@ -627,8 +629,12 @@ def table1_commands(dataset, records):
             key = (dataset, None if method == 'whole' else ipc, method)
             if key in groups:
                 line = runparts.continue_command(runparts.newest_run(groups[key]))
-                if line:
-                    commands.append(line)
+                commands += [line] if line else []
+                continue
+            checkpoints = runparts.cell_checkpoints(folders, method, dataset, table1_model(dataset), ipc)
+            stopped = runparts.stopped_run_commands(checkpoints, warn)
+            if stopped:
+                commands += stopped
             elif paper_value(method, dataset, ipc) is not None:
                 commands.append(table1_command(method, dataset, ipc))
     return commands
@@ -669,9 +675,9 @@ def continual_commands(dataset, records):
     return commands
 
 
-def missing_commands(name, dataset, records):
+def missing_commands(name, dataset, records, folders=()):
     if name == 'table1':
-        return table1_commands(dataset, records)
+        return table1_commands(dataset, records, folders)
     if name == 'cross_arch':
         return cross_arch_commands(dataset, records)
     if name.startswith('ablation_'):

@@ -265,6 +265,55 @@ def test_a_stopped_whole_bound_continues_with_resume(tmp_path, capsys):
     assert lines[0].endswith(f'--save_path {root} --resume')
 
 
+def write_stopped_checkpoint(path, argv, **normalised):
+    """A checkpoint as a run of main.py with argv leaves it when stopped inside its first experiment: its config is
+    the parsed flags (plus what main() fills in), with the networks it finished."""
+    import main
+    import results
+    args = main.parse_args(argv)
+    vars(args).update(normalised)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'config': results.config_dict(args), 'exp': 0, 'networks': {'ConvNet': {0: 0.9354}}}, path)
+    return args
+
+
+def test_a_cell_with_only_a_checkpoint_continues_it_rather_than_starting_afresh(tmp_path, capsys):
+    # the whole bound stopped inside network 1 of its first part (--experiments 0 of 5 x 4), before any result file:
+    # the paper's line (--num_exp 1 --num_eval 5, no --resume) would start afresh and overwrite the checkpoint's hours
+    import coreset
+    import experiment
+    root = tmp_path / 'runs'
+    whole = root / 'fmnist' / 'ckpt_whole_FashionMNIST_ConvNet_1ipc_exp0.pt'  # found in a subfolder, like the JSON
+    write_stopped_checkpoint(whole, ['--dataset', 'FashionMNIST', '--method', 'whole', '--num_exp', '5',
+                                     '--num_eval', '4', '--experiments', '0', '--save_path', 'elsewhere'],
+                             epoch_eval_train=30)
+    dc = root / 'ckpt_DC_FashionMNIST_ConvNet_10ipc_exp0.pt'  # a plain run (no --experiments), stopped at iteration k
+    write_stopped_checkpoint(dc, ['--dataset', 'FashionMNIST', '--ipc', '10', '--lr_img', '0.05'])
+    (root / 'ckpt_random_FashionMNIST_ConvNet_1ipc_exp0.pt').write_bytes(b'not a torch file')
+    code, out, err = report_in_process(capsys, root, '--commands', 'table1', '--dataset', 'FashionMNIST')
+    assert code == 0
+    lines = out.splitlines()[1:]
+    whole_lines = [ln for ln in lines if ' --method whole ' in ln]
+    assert len(whole_lines) == 1 and ' --num_exp 5 ' in whole_lines[0] and ' --num_eval 4 ' in whole_lines[0]
+    assert whole_lines[0].endswith(f"--experiments 0 --save_path {root / 'fmnist'} --resume")
+    dc_lines = [ln for ln in lines if ' --ipc 10 ' in ln and ' --method DC ' in ln]
+    assert len(dc_lines) == 1 and ' --lr_img 0.05 ' in dc_lines[0] and ' --experiments ' not in dc_lines[0]
+    assert dc_lines[0].endswith(f'--save_path {root} --resume')
+    # the broken checkpoint is named in one warning; its cell gets the paper's line
+    assert err.count('warning: skipping') == 1 and 'ckpt_random_FashionMNIST_ConvNet_1ipc_exp0.pt' in err
+    assert f'python main.py --dataset FashionMNIST --model ConvNet --ipc 1 --method random --save_path {root}' in lines
+    # each printed line, parsed as main.py parses it, is one that --resume accepts for its checkpoint
+    import main
+    for line, path, keys in ((whole_lines[0], whole, coreset.WHOLE_RESUME_KEYS), (dc_lines[0], dc, None)):
+        words = line.split()
+        assert words[:2] == ['python', 'main.py']
+        args = main.parse_args(words[2:])
+        if args.method == 'whole':
+            assert args.epoch_eval_train == 30
+        ckpt = experiment.load_checkpoint(str(path), args, keys or experiment.RESUME_KEYS)
+        assert ckpt['networks'] == {'ConvNet': {0: 0.9354}} and args.resume
+
+
 def test_runs_table_counts_the_sessions_before_a_resume(tmp_path, capsys):
     # a part resumed in a second session: its process ran 1,804 s, its experiment 5,460 s before and 1,800 s after
     write_run(tmp_path, 'DSA', 'FashionMNIST', 1, {'ConvNet': [0.70, 0.71]}, wall_seconds=1804.3,
