@@ -9,6 +9,7 @@ import shlex
 
 import experiment  # RESUME_KEYS: the flags a checkpoint checks; format_experiments: a part's name
 from base import UserError, load_torch_file
+from results import result_stem  # the one home of a run's file stem
 
 # The flags that make two result files parts of one run: those --resume checks, then those that shape the evaluation.
 RUN_FLAGS = experiment.RESUME_KEYS + ('num_eval', 'epoch_eval_train', 'lr_net', 'batch_train', 'eval_mode',
@@ -122,9 +123,8 @@ def cell_checkpoints(folders, method, dataset, model, ipc):
     """The checkpoints ckpt_<stem>_exp<E>.pt of one table cell under the folders (searched recursively, like the
     result files), newest first. The whole-dataset bound's stem carries whatever --ipc its run had (it does not use
     it), so any ipc matches there."""
-    parts = [glob.escape(str(p)) for p in (method, dataset, model)]
     ipc_part = '*' if method == 'whole' else glob.escape(str(ipc))
-    name = f"ckpt_{'_'.join(parts)}_{ipc_part}ipc_exp*.pt"
+    name = f"ckpt_{result_stem(*(glob.escape(str(p)) for p in (method, dataset, model)), ipc_part)}_exp*.pt"
     found = {os.path.normpath(p) for folder in folders
              for p in glob.glob(os.path.join(glob.escape(folder), '**', name), recursive=True)}
     return sorted(found, key=lambda p: (os.path.getmtime(p), p), reverse=True)
