@@ -19,8 +19,8 @@ from base import (UserError, check_choice, check_learning_rate, check_writable_f
                   save_torch_file_atomic, set_seed)
 from data import DATASET_NAMES, check_dataset_args, check_ipc_fits
 from networks import check_model_name, get_network, has_batchnorm
-from results import (config_dict, report_results, result_stem, save_results, save_vis, stored_accuracies, summarize,
-                     synthetic_sets, write_progress_summary)
+from results import (checkpoint_name, config_dict, report_results, result_stem, save_results, save_vis,
+                     stored_accuracies, summarize, synthetic_sets, write_progress_summary)
 from learning_trace import add_trace_args, check_trace_args, snapshot_keeper, trace_summary
 from training import evaluate_models
 from utils import EVAL_MODES, get_eval_pool, init_synthetic_set, real_init_indices, team_of
@@ -192,7 +192,7 @@ def res_path(args, stem):
 
 
 def checkpoint_path(args, stem, exp):
-    return os.path.join(args.save_path, f'ckpt_{stem}_exp{exp}.pt')
+    return os.path.join(args.save_path, checkpoint_name(stem, exp))
 
 
 def remove_checkpoints(args, stem, experiments):

@@ -13,6 +13,11 @@ def result_stem(method, dataset, model, ipc):
     return f'{method}_{dataset}_{model}_{ipc}ipc'
 
 
+def checkpoint_name(stem, exp):
+    """The file name of one experiment's checkpoint (exp may be a glob such as '*')."""
+    return f'ckpt_{stem}_exp{exp}.pt'
+
+
 def save_vis(path, images, mean, std, nrow):
     """De-normalised, clipped grid, one row per class; written atomically."""
     from PIL import Image

@@ -9,7 +9,7 @@ import shlex
 
 import experiment  # RESUME_KEYS: the flags a checkpoint checks; format_experiments: a part's name
 from base import UserError, load_torch_file
-from results import result_stem  # the one home of a run's file stem
+from results import checkpoint_name, result_stem  # the one home of a run's file names
 
 # The flags that make two result files parts of one run: those --resume checks, then those that shape the evaluation.
 RUN_FLAGS = experiment.RESUME_KEYS + ('num_eval', 'epoch_eval_train', 'lr_net', 'batch_train', 'eval_mode',
@@ -83,7 +83,7 @@ def missing_experiments(records):
 
 def has_checkpoints(record):
     folder = os.path.dirname(record.path) or '.'
-    return bool(glob.glob(os.path.join(glob.escape(folder), f'ckpt_{glob.escape(record.stem)}_exp*.pt')))
+    return bool(glob.glob(os.path.join(glob.escape(folder), checkpoint_name(glob.escape(record.stem), '*'))))
 
 
 def command_words(config):
@@ -124,7 +124,7 @@ def cell_checkpoints(folders, method, dataset, model, ipc):
     result files), newest first. The whole-dataset bound's stem carries whatever --ipc its run had (it does not use
     it), so any ipc matches there."""
     ipc_part = '*' if method == 'whole' else glob.escape(str(ipc))
-    name = f"ckpt_{result_stem(*(glob.escape(str(p)) for p in (method, dataset, model)), ipc_part)}_exp*.pt"
+    name = checkpoint_name(result_stem(*(glob.escape(str(p)) for p in (method, dataset, model)), ipc_part), '*')
     found = {os.path.normpath(p) for folder in folders
              for p in glob.glob(os.path.join(glob.escape(folder), '**', name), recursive=True)}
     return sorted(found, key=lambda p: (os.path.getmtime(p), p), reverse=True)
