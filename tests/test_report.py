@@ -368,7 +368,12 @@ def test_commands_for_cells_without_results(hand_set, capsys):
             f'--dsa_strategy color_crop_cutout_flip_scale_rotate{tail}') in commands
     assert (f'python main_DM.py --dataset CIFAR10 --model ConvNet --ipc 1 --dsa_strategy '
             f'color_crop_cutout_flip_scale_rotate --init real --lr_img 1 --num_exp 5 --num_eval 5{tail}') in commands
-    assert f'python main.py --dataset CIFAR10 --model ConvNet --ipc 1 --method kcenter{tail}' in commands
+    # the coresets' networks train as long as for the RESULTS cells (10 epochs), not main.py's CPU defaults
+    cell = 'python main.py --dataset CIFAR10 --model ConvNet --ipc'
+    assert f'{cell} 1 --method kcenter --feat_epochs 10{tail}' in commands
+    assert f'{cell} 50 --method herding --feat_epochs 10{tail}' in commands
+    assert f'{cell} 1 --method forgetting --forget_epochs 10{tail}' in commands
+    assert f'{cell} 50 --method random{tail}' in commands
     done = [f'python main.py --dataset CIFAR10 --model ConvNet --ipc 1{tail}',
             f'python main.py --dataset CIFAR10 --model ConvNet --ipc 10 --method random{tail}',
             f'python main.py --dataset CIFAR10 --model ConvNet --method whole --num_exp 1 --num_eval 5{tail}',
