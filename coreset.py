@@ -19,6 +19,8 @@ from training import BASELINE_METHODS, backward_mean_loss, embed_chunked
 from utils import get_eval_pool
 
 SELECTION_METHODS = tuple(m for m in BASELINE_METHODS if m != 'whole')  # real-image coresets, ipc per class
+# picks that depend on the run's one feature network alone, not on the experiment's seed: one set for every experiment
+SEEDLESS_METHODS = ('herding', 'kcenter')
 
 
 BASELINE_BATCH = 256  # batch of the feature / forgetting networks trained on the full set

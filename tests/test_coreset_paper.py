@@ -53,6 +53,30 @@ def test_feature_network_is_one_per_run_whatever_the_experiment(small_data, tmp_
         f'featnet_FashionMNIST_ConvNetW32_1ep_seed{args.seed}.pt']
 
 
+@pytest.mark.parametrize('method', ['herding', 'kcenter'])
+def test_herding_and_kcenter_select_one_set_per_run_for_every_experiment(tmp_path, monkeypatch, method):
+    # their picks depend on the run's feature network alone, so main.py selects once (embedding a paper-size
+    # training set costs minutes on a CPU) and every experiment trains on that set
+    assert method in coreset.SEEDLESS_METHODS
+    path = write_fashion_mnist(tmp_path / 'fm', train_per_class=6, test_per_class=2)
+    data = load_dataset('FashionMNIST', path)
+    args = run_args(tmp_path / 'probe')
+    by_seed = [coreset.select_coreset(method, data, args, seed=s) for s in (0, 1, 2)]
+    assert all(torch.equal(p, by_seed[0]) for p in by_seed)
+    embedded, real_embed = [], coreset.embed_images
+    monkeypatch.setattr(coreset, 'embed_images', lambda net, images, idx: embedded.append(idx) or real_embed(
+        net, images, idx))
+    main.main(['--dataset', 'FashionMNIST', '--data_path', str(path), '--save_path', str(tmp_path / 'out'),
+               '--model', 'ConvNetW32', '--method', method, '--ipc', '2', '--num_exp', '3', '--num_eval', '1',
+               '--epoch_eval_train', '1', '--feat_epochs', '1', '--device', 'cpu', '--quiet', '--no_vis'])
+    assert len(embedded) == 10  # one embedding of each class for the three experiments
+    sets = base.load_torch_file(str(tmp_path / 'out' / f'res_{method}_FashionMNIST_ConvNetW32_2ipc.pt'), 'r')['data']
+    assert len(sets) == 3
+    for images, labels in sets:
+        assert torch.equal(images, data.images_train[by_seed[0]].cpu())
+        assert torch.equal(labels, data.labels_train[by_seed[0]].cpu())
+
+
 def test_wrong_cached_forgetting_statistics_are_one_line(small_data, tmp_path):
     args = run_args(tmp_path)
     base.save_torch_file_atomic(torch.zeros(3, dtype=torch.long), coreset.forgetting_path(args, small_data.name, 0))
