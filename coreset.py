@@ -31,6 +31,9 @@ WHOLE_EPOCHS = 30  # --epoch_eval_train default of --method whole (a full pass i
 # --eval_mode may change: the networks a resumed run lacks are trained, those it has are kept).
 WHOLE_RESUME_KEYS = RESUME_KEYS + ('epoch_eval_train', 'lr_net', 'batch_train', 'im_size', 'channels', 'dsa_eval',
                                    'bf16')
+# A whole-bound network takes 2-3 hours on a 2-core CPU: its checkpoint also keeps the network in training, at most
+# this many seconds apart (an epoch is minutes on a CPU, a second on a GPU), so a stopped run loses minutes, not hours.
+WHOLE_PARTIAL_SECONDS = 60.0
 
 
 def _check_pick_count(n, ipc):
@@ -239,8 +242,9 @@ def run_whole(args, data):
     'accs_all_exps' and an empty 'data' (the set is the training set itself). Under torchrun the networks of each
     evaluation are spread over the processes. Each network takes an hour or more on a CPU, so each experiment has a
     checkpoint (ckpt_whole_*_exp{E}.pt, unless --checkpoint_every 0) that keeps every network as it finishes (under
-    torchrun: those of rank 0, and all of them at the experiment's end); --resume trains only the networks it lacks,
-    which are the same networks (addressed by seed, experiment, model and index) as in a run never stopped.
+    torchrun: those of rank 0, and all of them at the experiment's end) and the one in training at its last epoch
+    (WHOLE_PARTIAL_SECONDS apart); --resume trains only the networks it lacks, the stopped one from that epoch, which
+    are the same networks (addressed by seed, experiment, model and index) as in a run never stopped.
     Returns the summary dict."""
     args.team = parallel.Team(shared=True)
     stem = result_stem(args.method, args.dataset, args.model, args.ipc)
@@ -270,6 +274,19 @@ def run_whole(args, data):
                           **labelnoise.report_fields(args, []))
 
 
+def going_on(args, kept, known):
+    """(model, index, state) of the network a whole-bound checkpoint kept in training, or None: none was kept, it
+    finished since, or it was trained on another kind of device (whose random streams this one cannot take up: it is
+    trained again from its start, the same network)."""
+    if not kept or (kept['model'], kept['index']) in known:
+        return None
+    if kept.get('device') != torch.device(args.device).type:
+        log(args, f"network {kept['index']} of {kept['model']} was stopped in training on {kept.get('device')}: "
+                  f"on {args.device} it starts again")
+        return None
+    return kept['model'], kept['index'], kept['state']
+
+
 def whole_experiment(args, data, eval_pool, stem, exp):
     """One experiment of the whole-dataset bound, resumed from its checkpoint with --resume: ({model: accuracies},
     the experiment's seconds over all the sessions that trained its networks)."""
@@ -278,22 +295,33 @@ def whole_experiment(args, data, eval_pool, stem, exp):
     ckpt = load_checkpoint(path, args, WHOLE_RESUME_KEYS) or {}
     known = {(m, k): a for m, accs in ckpt.get('networks', {}).items() for k, a in accs.items()}
     seconds = lambda: round(ckpt.get('seconds', 0.0) + time.time() - t_session, 3)  # over the sessions so far
+    partial = going_on(args, ckpt.get('partial'), known)
     if ckpt:
-        log(args, f'resuming experiment {exp} from {path}: {len(known)} network(s) trained before')
+        log(args, f'resuming experiment {exp} from {path}: {len(known)} network(s) trained before'
+                  + (f'; network {partial[1]} of {partial[0]} goes on from epoch {partial[2]["epoch"]} of its '
+                     f'{partial[2]["epochs"] + 1}' if partial else ''))
     writes = parallel.rank() == 0 and args.checkpoint_every > 0
+    last_write = [time.time()]
 
-    def keep(networks):
+    def keep(networks, in_training=None):
         by_model = {}
         for (m, k), a in sorted(networks.items()):
             by_model.setdefault(m, {})[k] = float(a)
-        save_checkpoint(path, args, {'exp': exp, 'networks': by_model, 'seconds': seconds()})
+        extra = {} if in_training is None else {'partial': in_training}
+        save_checkpoint(path, args, {'exp': exp, 'networks': by_model, 'seconds': seconds(), **extra})
+        last_write[0] = time.time()
 
     def finished(model, indices, accs):
         known.update({(model, k): a for k, a in zip(indices, accs)})
         if writes:
             keep(known)
+
+    def epoch_done(model, k, state):
+        if time.time() - last_write[0] >= WHOLE_PARTIAL_SECONDS:
+            keep(known, {'model': model, 'index': k, 'device': torch.device(args.device).type, 'state': state()})
     accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole',
-                         (args.seed, exp, 0), known=known, on_networks=finished)
+                         (args.seed, exp, 0), known=known, on_networks=finished, partial=partial,
+                         on_epoch=epoch_done if writes else None)
     if writes:  # every process's networks, now gathered
         keep({(m, k): a for m, a_m in accs.items() for k, a in enumerate(a_m)})
     return accs, seconds()

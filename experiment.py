@@ -31,12 +31,15 @@ RESUME_KEYS = ('method', 'dataset', 'model', 'ipc', 'Iteration', 'seed', 'init',
 CHECK_EVERY = 10
 
 
-def evaluate_pool(images, labels, data, args, eval_pool, tag, key, known=None, on_networks=None):
+def evaluate_pool(images, labels, data, args, eval_pool, tag, key, known=None, on_networks=None, partial=None,
+                  on_epoch=None):
     """Accuracies of every model of the pool trained on one set; prints mean and std per model. key: (seed,
     experiment, iteration). The (model, network) pairs are spread over the team (torchrun) and gathered in a fixed
     order; each network is addressed by its key, so the accuracies do not depend on the number of processes, nor on
     which of them were known before: known {(model, index): accuracy} are not trained again (a resumed evaluation),
-    and on_networks(model, indices, accs) hears of each network (or group) this process finishes."""
+    and on_networks(model, indices, accs) hears of each network (or group) this process finishes. A network trained
+    alone keeps going between epochs: on_epoch(model, index, state) hears where it stands, and partial = (model,
+    index, state) goes on from there (training.train_and_test's resume), whichever process trains it."""
     known = dict(known or {})
     team = team_of(args)
     mine = team.share((m, k) for m in eval_pool for k in range(args.num_eval) if (m, k) not in known)
@@ -44,8 +47,10 @@ def evaluate_pool(images, labels, data, args, eval_pool, tag, key, known=None, o
     for model_eval in eval_pool:
         indices = [k for m, k in mine if m == model_eval]
         hook = None if on_networks is None else (lambda ks, a, m=model_eval: on_networks(m, ks, a))
+        going_on = None if on_epoch is None else (lambda k, st, m=model_eval: on_epoch(m, k, st))
         accs = evaluate_models(images, labels, data, args, model_eval, indices, key, desc=f'{tag} eval {model_eval}',
-                               on_group=hook)
+                               on_group=hook, partial=partial[1:] if partial and partial[0] == model_eval else None,
+                               on_epoch=going_on)
         done.update({(model_eval, k): a for k, a in zip(indices, accs)})
     for part in team.gather(done):
         done.update(part)
@@ -395,7 +400,8 @@ def add_common_args(parser, **defaults):
     a('--device', type=str, default=None, help='cpu, cuda, cuda:N (default: cuda when available)')
     a('--resume', action='store_true', help='continue from the checkpoint in save_path')
     a('--checkpoint_every', type=int, default=100,
-      help='iterations between checkpoints (0: none); --method whole keeps each network as it finishes')
+      help='iterations between checkpoints (0: none); --method whole keeps each network as it finishes and the '
+           'one in training at its last epoch')
     a('--load_syn', type=str, default=None, help='evaluate the sets of a res_*.pt without learning')
     a('--unsafe_load', action='store_true', help='load user files (--load_syn, checkpoints, tinyimagenet.pt) even when '
                                                  'they hold Python objects beyond plain data: only for files you trust')

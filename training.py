@@ -88,6 +88,14 @@ class NetRandom:
     def perm(self, n):
         return torch.randperm(n, generator=self.generator, device=self.device)
 
+    def state(self):
+        """Where both streams stand (CPU byte tensors), for a network stopped between epochs."""
+        return {'generator': self.generator.get_state().cpu(), 'choice_generator': self.choice_generator.get_state()}
+
+    def set_state(self, state):
+        self.generator.set_state(state['generator'])
+        self.choice_generator.set_state(state['choice_generator'])
+
     def augment(self, images, dsa_strategy=None, dc_strategy=None, dsa_param=None):
         """Like augment_batch: DSA with per-image parameters (one op group per call in aug_mode 'S'), else DC."""
         if dsa_strategy:
@@ -252,26 +260,51 @@ class SoftCompiled:
         return self.train(False)
 
 
+def tensors_to_cpu(obj):
+    """A copy of a nest of dicts and lists with every tensor copied to the CPU (a state to save)."""
+    if isinstance(obj, dict):
+        return {k: tensors_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tensors_to_cpu(v) for v in obj)
+    return obj.detach().cpu().clone() if torch.is_tensor(obj) else obj
+
+
 def train_and_test(net, images_train, labels_train, images_test, labels_test, epochs, lr, batch_size,
                    dsa_strategy=None, dc_strategy=None, dsa_param=None, rand=None, bf16=False, channels_last=False,
-                   compile=False):
+                   compile=False, resume=None, on_epoch=None):
     """The evaluation protocol: epochs+1 epochs of SGD (momentum 0.9, wd 5e-4), lr x0.1 with a fresh optimizer
     after epoch epochs//2, then test accuracy.
 
     rand: the network's NetRandom (default: the global RNG). bf16 / channels_last / compile: the opt-in speed flags
-    (bfloat16 autocast of training and test forwards, channels_last network and batches, torch.compile)."""
+    (bfloat16 autocast of training and test forwards, channels_last network and batches, torch.compile).
+    A network that takes hours (the whole-dataset bound on a CPU) can stop between epochs and go on: on_epoch(state)
+    is called after every epoch but the last with a function that returns the training's state (network, optimizer,
+    learning rate, rand's streams, epochs done), and resume= such a state goes on from there, to the same bits as a
+    training never stopped. Both need rand."""
     images_train = images_train.detach()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = SoftCompiled(net) if compile else net
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     decay_epoch = epochs // 2 + 1
-    for ep in range(epochs + 1):
+    first = 0
+    if resume is not None:
+        first, lr = resume['epoch'], resume['lr']
+        net.load_state_dict(resume['net'])
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        optimizer.load_state_dict(resume['optimizer'])
+        rand.set_state(resume['rand'])
+    for ep in range(first, epochs + 1):
         train_epoch(model, optimizer, images_train, labels_train, batch_size, dsa_strategy, dc_strategy, dsa_param,
                     rand, bf16, channels_last)
         if ep == decay_epoch:
             lr *= 0.1
             optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        if on_epoch is not None and ep < epochs:
+            on_epoch(lambda ep=ep, lr=lr, optimizer=optimizer: {
+                'epoch': ep + 1, 'epochs': epochs, 'lr': lr, 'rand': rand.state(),
+                'net': tensors_to_cpu(net.state_dict()),
+                'optimizer': tensors_to_cpu(optimizer.state_dict())})
     return test_accuracy(model, images_test, labels_test, bf16=bf16, channels_last=channels_last)
 
 
@@ -373,11 +406,14 @@ def evaluation_network(model_eval, data, device, key):
     return net, NetRandom(rng.derive_seed(*key, 'train'), rng.derive_seed(*key, 'choice'), device)
 
 
-def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='', on_group=None):
+def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='', on_group=None, partial=None,
+                    on_epoch=None):
     """Train the evaluation networks `indices` (their numbers among the num_eval of this evaluation) of one
     architecture on a (synthetic) set; return their test accuracies in that order. key: (seed, experiment, iteration).
     on_group(indices, accs), if given, is called as each network (or group trained together) finishes: a long
-    evaluation can keep what it has (the whole-dataset bound's checkpoints).
+    evaluation can keep what it has (the whole-dataset bound's checkpoints). A network trained alone can also keep
+    where it stands between epochs: on_epoch(index, state) hears of it (train_and_test's on_epoch), and partial =
+    (index, state) goes on from such a state (that network is trained alone, first).
 
     Models without BatchNorm are trained together in groups (train_and_test_batched) when --eval_batched is on (auto:
     on a GPU); otherwise, and with --channels_last or --compile (which act on modules), one by one. Both paths draw
@@ -388,6 +424,18 @@ def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='
     indices = list(indices)
     if not indices:
         return []
+    if partial is not None and partial[0] in indices:
+        k, state = partial
+        net, rand = evaluation_network(model_eval, data, args.device, (*key, model_eval, k))
+        acc = train_and_test(net, images, labels, data.images_test, data.labels_test, epochs, args.lr_net,
+                             args.batch_train, dsa, dc, args.dsa_param, rand, bf16, channels_last, compile,
+                             resume=state, on_epoch=None if on_epoch is None else (lambda st: on_epoch(k, st)))
+        if on_group is not None:
+            on_group([k], [acc])
+        rest = [i for i in indices if i != k]
+        more = iter(evaluate_models(images, labels, data, args, model_eval, rest, key, desc, on_group,
+                                    on_epoch=on_epoch))
+        return [acc if i == k else next(more) for i in indices]
     first = evaluation_network(model_eval, data, args.device, (*key, model_eval, indices[0]))
     batched = (flag_on(getattr(args, 'eval_batched', 'auto'), args.device) and not has_batchnorm(first[0])
                and not channels_last and not compile and len(indices) > 1)
@@ -404,9 +452,10 @@ def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='
                 new = train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test,
                                              epochs, args.lr_net, args.batch_train, dsa, dc, args.dsa_param, bf16)
             else:
+                hook = None if on_epoch is None else (lambda st, k=members[0]: on_epoch(k, st))
                 new = [train_and_test(nets[0], images, labels, data.images_test, data.labels_test, epochs,
                                       args.lr_net, args.batch_train, dsa, dc, args.dsa_param, rands[0],
-                                      bf16, channels_last, compile)]
+                                      bf16, channels_last, compile, on_epoch=hook)]
             accs += new
             if on_group is not None:
                 on_group(members, new)
