@@ -301,15 +301,16 @@ def whole_experiment(args, data, eval_pool, stem, exp):
                   + (f'; network {partial[1]} of {partial[0]} goes on from epoch {partial[2]["epoch"]} of its '
                      f'{partial[2]["epochs"] + 1}' if partial else ''))
     writes = parallel.rank() == 0 and args.checkpoint_every > 0
-    last_write = [time.time()]
+    last_write = time.time()
 
     def keep(networks, in_training=None):
         by_model = {}
         for (m, k), a in sorted(networks.items()):
             by_model.setdefault(m, {})[k] = float(a)
         extra = {} if in_training is None else {'partial': in_training}
+        nonlocal last_write
         save_checkpoint(path, args, {'exp': exp, 'networks': by_model, 'seconds': seconds(), **extra})
-        last_write[0] = time.time()
+        last_write = time.time()
 
     def finished(model, indices, accs):
         known.update({(model, k): a for k, a in zip(indices, accs)})
@@ -317,7 +318,7 @@ def whole_experiment(args, data, eval_pool, stem, exp):
             keep(known)
 
     def epoch_done(model, k, state):
-        if time.time() - last_write[0] >= WHOLE_PARTIAL_SECONDS:
+        if time.time() - last_write >= WHOLE_PARTIAL_SECONDS:
             keep(known, {'model': model, 'index': k, 'device': torch.device(args.device).type, 'state': state()})
     accs = evaluate_pool(data.images_train, data.labels_train, data, args, eval_pool, f'exp {exp} whole',
                          (args.seed, exp, 0), known=known, on_networks=finished, partial=partial,

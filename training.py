@@ -424,12 +424,14 @@ def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='
     indices = list(indices)
     if not indices:
         return []
+
+    def alone(k, net, rand, resume=None):  # network k trained by itself: the one path that keeps its epochs
+        return train_and_test(net, images, labels, data.images_test, data.labels_test, epochs, args.lr_net,
+                              args.batch_train, dsa, dc, args.dsa_param, rand, bf16, channels_last, compile,
+                              resume=resume, on_epoch=None if on_epoch is None else (lambda st: on_epoch(k, st)))
     if partial is not None and partial[0] in indices:
         k, state = partial
-        net, rand = evaluation_network(model_eval, data, args.device, (*key, model_eval, k))
-        acc = train_and_test(net, images, labels, data.images_test, data.labels_test, epochs, args.lr_net,
-                             args.batch_train, dsa, dc, args.dsa_param, rand, bf16, channels_last, compile,
-                             resume=state, on_epoch=None if on_epoch is None else (lambda st: on_epoch(k, st)))
+        acc = alone(k, *evaluation_network(model_eval, data, args.device, (*key, model_eval, k)), resume=state)
         if on_group is not None:
             on_group([k], [acc])
         rest = [i for i in indices if i != k]
@@ -452,10 +454,7 @@ def evaluate_models(images, labels, data, args, model_eval, indices, key, desc='
                 new = train_and_test_batched(nets, rands, images, labels, data.images_test, data.labels_test,
                                              epochs, args.lr_net, args.batch_train, dsa, dc, args.dsa_param, bf16)
             else:
-                hook = None if on_epoch is None else (lambda st, k=members[0]: on_epoch(k, st))
-                new = [train_and_test(nets[0], images, labels, data.images_test, data.labels_test, epochs,
-                                      args.lr_net, args.batch_train, dsa, dc, args.dsa_param, rands[0],
-                                      bf16, channels_last, compile, on_epoch=hook)]
+                new = [alone(members[0], nets[0], rands[0])]
             accs += new
             if on_group is not None:
                 on_group(members, new)

@@ -65,33 +65,41 @@ def mnist_dir(tmp_path_factory):
     return path
 
 
-def run_whole(data_path, save_path, *flags):
+def run_whole(data_path, save_path, *flags, quiet=True):
     return main.main(['--dataset', 'MNIST', '--data_path', str(data_path), '--save_path', str(save_path),
                       '--method', 'whole', '--model', 'MLP', '--num_exp', '2', '--num_eval', '2',
-                      '--epoch_eval_train', '4', '--device', 'cpu', '--quiet', *flags])
+                      '--epoch_eval_train', '4', '--device', 'cpu', *(['--quiet'] if quiet else []), *flags])
 
 
 def accs_of(folder):
     return [float(a) for a in base.load_torch_file(folder / f'res_{STEM}.pt', 'result')['accs_all_exps']['MLP']]
 
 
-@pytest.mark.parametrize('stop_in', [8, 10])  # network 1 of experiment 0 in its epoch 2 (before the decay), 4 (after)
-def test_whole_bound_stopped_inside_a_network_resumes_from_its_last_epoch(mnist_dir, tmp_path, monkeypatch,
-                                                                          capsys, stop_in):
-    monkeypatch.setattr(coreset, 'WHOLE_PARTIAL_SECONDS', 0.0)  # keep every epoch (a minute apart in real runs)
-    run_whole(mnist_dir, tmp_path / 'full')
-    full = accs_of(tmp_path / 'full')
+def stop_in_epoch(data_path, save_path, monkeypatch, stop_in):
+    """A whole-bound run (every epoch kept: a minute apart in real runs) stopped inside its stop_in-th epoch in all;
+    returns the counter of epochs that the next runs add to."""
+    monkeypatch.setattr(coreset, 'WHOLE_PARTIAL_SECONDS', 0.0)
     real_epoch = training.train_epoch
     calls = {'n': 0, 'stop': True}
 
     def counted(*a, **k):
         calls['n'] += 1
-        if calls['n'] == stop_in and calls['stop']:  # network 0 took epochs 1-5; network 1 stops inside its epoch stop_in - 6
+        if calls['n'] == stop_in and calls['stop']:
             raise KeyboardInterrupt
         return real_epoch(*a, **k)
     monkeypatch.setattr(training, 'train_epoch', counted)
     with pytest.raises(KeyboardInterrupt):
-        run_whole(mnist_dir, tmp_path / 'cut')
+        run_whole(data_path, save_path)
+    calls.update(n=0, stop=False)
+    return calls
+
+
+@pytest.mark.parametrize('stop_in', [8, 10])  # network 1 of experiment 0 in its epoch 2 (before the decay), 4 (after)
+def test_whole_bound_stopped_inside_a_network_resumes_from_its_last_epoch(mnist_dir, tmp_path, monkeypatch,
+                                                                          capsys, stop_in):
+    run_whole(mnist_dir, tmp_path / 'full')
+    full = accs_of(tmp_path / 'full')
+    calls = stop_in_epoch(mnist_dir, tmp_path / 'cut', monkeypatch, stop_in)  # network 0 took epochs 1-5
     ckpt = base.load_torch_file(tmp_path / 'cut' / f'ckpt_{STEM}_exp0.pt', 'checkpoint')
     assert ckpt['networks'] == {'MLP': {0: full[0]}}
     partial = ckpt['partial']
@@ -99,8 +107,7 @@ def test_whole_bound_stopped_inside_a_network_resumes_from_its_last_epoch(mnist_
     assert partial['state']['epoch'] == stop_in - 6 and partial['state']['epochs'] == 4
 
     capsys.readouterr()
-    calls.update(n=0, stop=False)
-    run_whole(mnist_dir, tmp_path / 'cut', '--resume', '--quiet')
+    run_whole(mnist_dir, tmp_path / 'cut', '--resume')
     # network 1 of experiment 0 trains only its remaining epochs, experiment 1 its 2 x 5
     assert calls['n'] == (5 - (stop_in - 6)) + 10
     assert accs_of(tmp_path / 'cut') == full
@@ -109,27 +116,13 @@ def test_whole_bound_stopped_inside_a_network_resumes_from_its_last_epoch(mnist_
 
 def test_a_network_stopped_on_another_kind_of_device_starts_again(mnist_dir, tmp_path, monkeypatch, capsys):
     # a CUDA generator's state cannot seed a CPU one: that network is trained from its start (the same network)
-    monkeypatch.setattr(coreset, 'WHOLE_PARTIAL_SECONDS', 0.0)
     run_whole(mnist_dir, tmp_path / 'full')
-    real_epoch = training.train_epoch
-    calls = {'n': 0, 'stop': True}
-
-    def counted(*a, **k):
-        calls['n'] += 1
-        if calls['n'] == 8 and calls['stop']:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-    monkeypatch.setattr(training, 'train_epoch', counted)
-    with pytest.raises(KeyboardInterrupt):
-        run_whole(mnist_dir, tmp_path / 'cut')
+    calls = stop_in_epoch(mnist_dir, tmp_path / 'cut', monkeypatch, 8)
     path = tmp_path / 'cut' / f'ckpt_{STEM}_exp0.pt'
     ckpt = base.load_torch_file(path, 'checkpoint')
     ckpt['partial']['device'] = 'cuda'
     torch.save(ckpt, path)
-    calls.update(n=0, stop=False)
-    main.main(['--dataset', 'MNIST', '--data_path', str(mnist_dir), '--save_path', str(tmp_path / 'cut'),
-               '--method', 'whole', '--model', 'MLP', '--num_exp', '2', '--num_eval', '2', '--epoch_eval_train', '4',
-               '--device', 'cpu', '--resume'])
+    run_whole(mnist_dir, tmp_path / 'cut', '--resume', quiet=False)
     assert 'network 1 of MLP was stopped in training on cuda: on cpu it starts again' in capsys.readouterr().out
     assert calls['n'] == 5 + 10
     assert accs_of(tmp_path / 'cut') == accs_of(tmp_path / 'full')
