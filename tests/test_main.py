@@ -434,9 +434,11 @@ FASHION = '/usr/share/datasets/fashion-mnist'
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason='real FashionMNIST (Debian dataset-fashion-mnist) not installed')
 def test_real_fashion_mnist_dc_beats_noise_init(tmp_path):
     summary_path = tmp_path / 'res_DC_FashionMNIST_ConvNet_1ipc.json'
+    # 10 iterations and one 50-epoch network keep this under a minute on 2 cores; measured on 2026-12-07 (AMD EPYC):
+    # 19.0 % at iteration 0, 63.5 % at 10 (at 20 iterations x 2 networks x 100 epochs: 19.1 and 67.8 %, twice the time)
     main.main(['--dataset', 'FashionMNIST', '--data_path', str(tmp_path / 'data'), '--save_path', str(tmp_path),
-               '--ipc', '1', '--Iteration', '20', '--eval_every', '20', '--batch_real', '64', '--num_exp', '1',
-               '--num_eval', '2', '--epoch_eval_train', '100', '--no_vis', '--device', 'cpu', '--quiet'])
+               '--ipc', '1', '--Iteration', '10', '--eval_every', '10', '--batch_real', '64', '--num_exp', '1',
+               '--num_eval', '1', '--epoch_eval_train', '50', '--no_vis', '--device', 'cpu', '--quiet'])
     history = json.loads(summary_path.read_text())['history']
     acc = {h['iteration']: sum(h['accs']) / len(h['accs']) for h in history}
-    assert acc[20] > acc[0] + 0.15, acc
+    assert acc[10] > acc[0] + 0.15, acc
